@@ -1,0 +1,25 @@
+# The two commands a newcomer needs (both set everything up first):
+#   make repro   run the DVC pipeline (dvc repro)
+#   make test    lint, format check, and the whole test suite
+.PHONY: setup repro test lint bench lock
+
+setup:
+	@scripts/setup.sh
+
+repro: setup
+	.venv/bin/dvc repro
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+test: lint
+	.venv/bin/pytest
+
+bench: setup
+	.venv/bin/python benchmarks/loader.py
+
+# Re-pin requirements.lock from the current .venv (after changing pyproject.toml).
+lock:
+	{ echo "# Exact versions for .venv (scripts/setup.sh installs them). Regenerate: make lock"; \
+	  .venv/bin/pip freeze --exclude-editable; } >requirements.lock

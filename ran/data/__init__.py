@@ -1,0 +1,1 @@
+"""Data: source readers, the decode pass, FFCV betons, validation, ingestion."""

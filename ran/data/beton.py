@@ -1,0 +1,225 @@
+"""FFCV ``.beton`` files: how records are written, and the loaders that read them back.
+
+A record is ``(image, label, index)``. The index is the record's position in its split, so
+later stages (label noise, per-sample losses) look data up by index without rewriting
+images.
+
+Writing is byte-for-byte deterministic, because DVC hashes outputs: FFCV's writer runs a
+single process (with several, pages land in whatever order the processes finish; the
+source images are decoded in parallel beforehand, see :mod:`ran.data.scan`), and its
+'proportion' mode, which draws from numpy's global RNG, is reseeded per record from
+``(seed, index)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ran.data.sources import Split
+
+FIELDS = ("image", "label", "index")
+IMAGENET_CROP_RATIO = 224 / 256
+
+
+def import_ffcv() -> Any:
+    """Import ffcv without letting it change torch's thread count (it sets 1 on import)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    import ffcv
+
+    torch.set_num_threads(threads)
+    return ffcv
+
+
+@dataclass(frozen=True)
+class WriteSettings:
+    """The FFCV image-field settings, recorded in meta.json."""
+
+    write_mode: str  # raw | proportion | jpg | smart
+    max_resolution: int
+    jpeg_quality: int
+    compress_probability: float
+    seed: int
+    page_size: int = 1 << 23  # FFCV's default (4 × 2 MiB)
+
+
+def prepare_image(image: np.ndarray, max_resolution: int) -> np.ndarray:
+    """The image as FFCV will store it: its longer side capped by FFCV's own resizer."""
+    import_ffcv()
+    from ffcv.fields.rgb_image import resizer
+
+    return resizer(np.ascontiguousarray(image), max_resolution)
+
+
+class _Records:
+    """The indexed dataset FFCV's writer reads: kept source records, renumbered 0..n-1."""
+
+    def __init__(self, split: Split, keep: np.ndarray, settings: WriteSettings) -> None:
+        self.split, self.keep, self.settings = split, keep, settings
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
+        np.random.seed([self.settings.seed, index])  # FFCV's proportion mode draws here
+        source = int(self.keep[index])
+        image = prepare_image(self.split.load(source), self.settings.max_resolution)
+        return image, int(self.split.labels[source]), index
+
+
+def write_beton(split: Split, keep: np.ndarray, path: Path, settings: WriteSettings) -> None:
+    """Write the records ``keep`` of ``split`` to ``path`` (FFCV shows a progress bar)."""
+    import_ffcv()
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    fields = {
+        "image": RGBImageField(
+            write_mode=settings.write_mode,
+            max_resolution=settings.max_resolution,
+            jpeg_quality=settings.jpeg_quality,
+            compress_probability=settings.compress_probability,
+        ),
+        "label": IntField(),
+        "index": IntField(),
+    }
+    writer = DatasetWriter(str(path), fields, page_size=settings.page_size, num_workers=1)
+    writer.from_indexed_dataset(_Records(split, keep, settings), chunksize=1000)
+
+
+def read_records(path: Path) -> dict[str, np.ndarray]:
+    """The metadata table of a beton (label, index, stored height/width, mode): no pixels."""
+    import_ffcv()
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    names = reader.field_names
+    meta = reader.metadata
+    image = meta[f"f{names.index('image')}"]
+    return {
+        "label": np.asarray(meta[f"f{names.index('label')}"], dtype=np.int64),
+        "index": np.asarray(meta[f"f{names.index('index')}"], dtype=np.int64),
+        "height": np.asarray(image["height"], dtype=np.int64),
+        "width": np.asarray(image["width"], dtype=np.int64),
+        "mode": np.asarray(image["mode"], dtype=np.int64),
+    }
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What a loader needs to know about the data: stored statistics and image geometry."""
+
+    mean: tuple[float, float, float]  # 0–255 scale, from meta.json
+    std: tuple[float, float, float]
+    resolution: int  # output side; for small raw images (CIFAR) the stored side
+    small_images: bool  # True: pad-4 random crop + flip (CIFAR); False: random-resized crop
+
+
+def make_loader(
+    path: Path,
+    spec: LoaderSpec,
+    batch_size: int,
+    train: bool,
+    num_workers: int = 2,
+    device: str = "cpu",
+    distributed: bool = False,
+    seed: int = 0,
+    indices: np.ndarray | None = None,
+) -> Any:
+    """An FFCV loader yielding ``(images float NCHW, labels, indices)`` batches.
+
+    Train: random order (seeded), augmentation, drop_last. Eval: sequential, every record.
+    On the CPU, normalisation runs right after decoding, before ``ToTensor`` (the order
+    FFCV 1.0.2 compiles without spinning); on CUDA it runs on the GPU in half precision,
+    as ffcv-imagenet does. Batches are channels-last in memory (NCHW shape).
+    """
+    import_ffcv()
+    import torch
+    from ffcv.fields.decoders import (
+        CenterCropRGBImageDecoder,
+        IntDecoder,
+        RandomResizedCropRGBImageDecoder,
+        SimpleRGBImageDecoder,
+    )
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import (
+        NormalizeImage,
+        RandomHorizontalFlip,
+        RandomTranslate,
+        Squeeze,
+        ToDevice,
+        ToTensor,
+        ToTorchImage,
+    )
+
+    mean, std = np.array(spec.mean), np.array(spec.std)
+    size = (spec.resolution, spec.resolution)
+    if spec.small_images:
+        image = [SimpleRGBImageDecoder()]
+        if train:
+            fill = tuple(int(round(m)) for m in spec.mean)
+            image += [RandomHorizontalFlip(), RandomTranslate(padding=4, fill=fill)]
+    elif train:
+        image = [RandomResizedCropRGBImageDecoder(size), RandomHorizontalFlip()]
+    else:
+        image = [CenterCropRGBImageDecoder(size, ratio=IMAGENET_CROP_RATIO)]
+
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        target = torch.device(device)
+        image += [
+            ToTensor(),
+            ToDevice(target, non_blocking=True),
+            ToTorchImage(),
+            NormalizeImage(mean, std, np.float16),
+        ]
+    else:
+        image += [NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
+
+    def int_pipeline() -> list:
+        ops = [IntDecoder(), ToTensor(), Squeeze()]
+        return [*ops, ToDevice(torch.device(device), non_blocking=True)] if on_gpu else ops
+
+    threads = torch.get_num_threads()
+    loader = Loader(
+        str(path),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
+        drop_last=train,
+        distributed=distributed,
+        seed=seed,
+        indices=indices,
+        os_cache=True,
+        pipelines={"image": image, "label": int_pipeline(), "index": int_pipeline()},
+    )
+    return ThreadSafeLoader(loader, threads)
+
+
+class ThreadSafeLoader:
+    """An FFCV loader that gives torch back its thread count.
+
+    FFCV's ``Loader`` (and each epoch's iterator) sets torch's global thread count to its
+    own ``num_workers``; the model then runs on fewer threads than the user chose.
+    """
+
+    def __init__(self, loader: Any, torch_threads: int) -> None:
+        import torch
+
+        self.loader, self.torch_threads = loader, torch_threads
+        torch.set_num_threads(torch_threads)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        import torch
+
+        iterator = iter(self.loader)
+        torch.set_num_threads(self.torch_threads)
+        return iterator

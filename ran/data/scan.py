@@ -1,0 +1,101 @@
+"""The decode pass: every source image read once, in parallel, before anything is written.
+
+Scanning first buys three things: an unreadable file fails the stage (naming the file)
+before a long write starts, the per-record manifest (size, content hash) and the train
+split's per-channel statistics come for free, and FFCV's writer, which hangs when a worker
+raises, only ever sees images already known to decode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ran.data.sources import Split
+
+# Set just before forking, so the worker processes inherit it without pickling a dataset.
+_ACTIVE: tuple[Split, Callable[[np.ndarray], np.ndarray]] | None = None
+
+
+@dataclass
+class ScanResult:
+    """Per-record facts of one split, in source order; ``bad`` names what failed to decode."""
+
+    height: np.ndarray
+    width: np.ndarray
+    content_hash: list[str]
+    channel_sum: np.ndarray  # float64 [3], over every pixel of the good records
+    channel_sq_sum: np.ndarray
+    bad: list[tuple[int, str]]  # (index, "path: reason")
+
+    @property
+    def good(self) -> np.ndarray:
+        bad = {i for i, _ in self.bad}
+        return np.array([i for i in range(len(self.height)) if i not in bad], dtype=np.int64)
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std on the 0–255 scale, over all pixels of the good records."""
+        keep = self.good
+        pixels = float((self.height[keep].astype(np.float64) * self.width[keep]).sum())
+        mean = self.channel_sum / pixels
+        std = np.sqrt(np.maximum(self.channel_sq_sum / pixels - mean**2, 0.0))
+        return mean.tolist(), std.tolist()
+
+
+def content_hash(image: np.ndarray) -> str:
+    """A digest of the exact pixels (and shape): equal hashes mean identical images."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.asarray(image.shape, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+def _scan_one(i: int) -> tuple[int, tuple | str]:
+    split, prepare = _ACTIVE
+    try:
+        image = prepare(split.load(i))
+    except Exception as exc:  # any decoder failure is a bad image, reported by name
+        return i, f"{split.name(i)}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    flat = image.reshape(-1, 3).astype(np.float64)
+    stats = (image.shape[0], image.shape[1], content_hash(image), flat.sum(0), (flat**2).sum(0))
+    return i, stats
+
+
+def _ordered_map(n: int, workers: int) -> Iterator[tuple[int, tuple | str]]:
+    if workers == 1:
+        yield from map(_scan_one, range(n))
+        return
+    with mp.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(_scan_one, range(n), chunksize=max(1, min(256, n // (workers * 8))))
+
+
+def scan_split(
+    split: Split,
+    prepare: Callable[[np.ndarray], np.ndarray],
+    workers: int,
+    progress: Callable[[Iterable], Iterable] = iter,
+) -> ScanResult:
+    """Decode every image of ``split`` through ``prepare`` (RGB → stored form) and record facts."""
+    global _ACTIVE
+    n = len(split)
+    height = np.zeros(n, dtype=np.int64)
+    width = np.zeros(n, dtype=np.int64)
+    hashes = [""] * n
+    total, total_sq = np.zeros(3), np.zeros(3)
+    bad: list[tuple[int, str]] = []
+    _ACTIVE = (split, prepare)
+    try:
+        for i, result in progress(_ordered_map(n, workers)):
+            if isinstance(result, str):
+                bad.append((i, result))
+                continue
+            height[i], width[i], hashes[i], s, sq = result
+            total += s
+            total_sq += sq
+    finally:
+        _ACTIVE = None
+    return ScanResult(height, width, hashes, total, total_sq, bad)

@@ -1,0 +1,105 @@
+"""Shared fixtures: real images from ../shared/data, and small data sets built from them."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RAN_SHARED_DATA", REPO.parent / "shared" / "data"))
+CIFAR10_JPEG = SHARED_DATA / "cifar10-jpeg.tar.gz"
+IMAGENET_SAMPLE = SHARED_DATA / "imagenet-sample.tar.gz"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own MLflow store and download cache, never the repo's."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("RAN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GX_ANALYTICS_ENABLED", "False")
+    monkeypatch.delenv("RAN_INGEST_SOURCE", raising=False)
+
+
+def _extract(archive: Path, target: Path) -> Path:
+    if not archive.is_file():
+        pytest.fail(f"real test data missing: {archive} (set RAN_SHARED_DATA)")
+    with tarfile.open(archive) as tar:
+        tar.extractall(target, filter="data")
+    return target
+
+
+@pytest.fixture(scope="session")
+def cifar10_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real CIFAR-10 as JPEG: cifar10-jpeg/{train,test}/<class>/*.jpg."""
+    return _extract(CIFAR10_JPEG, tmp_path_factory.mktemp("cifar10")) / "cifar10-jpeg"
+
+
+@pytest.fixture(scope="session")
+def cifar10_small(cifar10_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real-image subset: 20 train and 5 test images per class (train/ + test/)."""
+    root = tmp_path_factory.mktemp("cifar10-small") / "cifar10-small"
+    for split, count in (("train", 20), ("test", 5)):
+        for cls in sorted((cifar10_tree / split).iterdir()):
+            (root / split / cls.name).mkdir(parents=True)
+            for image in sorted(cls.iterdir())[:count]:
+                shutil.copy(image, root / split / cls.name / image.name)
+    return root
+
+
+@pytest.fixture
+def small_tree(cifar10_small: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of ``cifar10_small`` for tests that damage it."""
+    return Path(shutil.copytree(cifar10_small, tmp_path / "tree"))
+
+
+@pytest.fixture(scope="session")
+def imagenet_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real ImageNet sample in ImageNet's full layout.
+
+    train/<wnid>/*.JPEG and LOC_synset_mapping.txt as shipped; val/ in ImageNet's flat val
+    layout with LOC_val_solution.csv, holding the mirror image of each train image (real
+    pixels, not duplicates of train).
+    """
+    from PIL import Image, ImageOps
+
+    root = _extract(IMAGENET_SAMPLE, tmp_path_factory.mktemp("imagenet")) / "imagenet-sample"
+    (root / "val").mkdir()
+    rows = ["ImageId,PredictionString"]
+    for n, image in enumerate(sorted(root.glob("train/*/*.JPEG")), start=1):
+        image_id = f"ILSVRC2012_val_{n:08d}"
+        with Image.open(image) as img:
+            ImageOps.mirror(img.convert("RGB")).save(root / "val" / f"{image_id}.JPEG", quality=90)
+        rows.append(f"{image_id},{image.parent.name} 0 0 10 10")
+    (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def write_cifar_python(target: Path, dataset: str, per_class: int, seed: int = 0) -> Path:
+    """A tiny archive in the official CIFAR python format (pickled dicts, row-major planes)."""
+    rng = np.random.default_rng(seed)
+    if dataset == "cifar10":
+        folder, classes, label_key = "cifar-10-batches-py", 10, "labels"
+        files = {f"data_batch_{i}": per_class for i in range(1, 6)} | {"test_batch": per_class}
+        meta = ("batches.meta", {"label_names": [f"class{i}" for i in range(classes)]})
+    else:
+        folder, classes, label_key = "cifar-100-python", 100, "fine_labels"
+        files = {"train": per_class, "test": per_class}
+        meta = ("meta", {"fine_label_names": [f"class{i}" for i in range(classes)]})
+    root = target / folder
+    root.mkdir(parents=True)
+    for name, count in files.items():
+        labels = np.repeat(np.arange(classes), count)
+        data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+        blob = {"data": data, label_key: labels.tolist(), "filenames": [f"{i}.png" for i in labels]}
+        (root / name).write_bytes(pickle.dumps(blob))
+    (root / meta[0]).write_bytes(pickle.dumps(meta[1]))
+    archive = target / f"{folder.replace('-batches-py', '-python')}.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname=folder)
+    return archive
