@@ -158,5 +158,5 @@ def test_download_without_network_fails_fast_with_hint(
     # A closed local port stands in for "no network", whatever the machine has.
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
-    with pytest.raises(RanError, match="cannot download cifar10.*RAN_INGEST_SOURCE"):
+    with pytest.raises(RanError, match=r"cannot download cifar10.*RAN_INGEST_SOURCE"):
         read_source("cifar10", None, tmp_path / "work")

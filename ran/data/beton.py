@@ -162,7 +162,7 @@ def make_loader(
     if spec.small_images:
         image = [SimpleRGBImageDecoder()]
         if train:
-            fill = tuple(int(round(m)) for m in spec.mean)
+            fill = tuple(round(m) for m in spec.mean)
             image += [RandomHorizontalFlip(), RandomTranslate(padding=4, fill=fill)]
     elif train:
         image = [RandomResizedCropRGBImageDecoder(size), RandomHorizontalFlip()]

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,14 @@ from typing import Any
 import numpy as np
 
 from ran.config import IngestParams
-from ran.data.beton import WriteSettings, import_ffcv, prepare_image, read_records, write_beton
+from ran.data.beton import (
+    FIELDS,
+    WriteSettings,
+    import_ffcv,
+    prepare_image,
+    read_records,
+    write_beton,
+)
 from ran.data.scan import ScanResult, scan_split
 from ran.data.sources import SourceData, read_source, sha256_file
 from ran.errors import RanError
@@ -148,7 +156,7 @@ def ingest(params: IngestParams, out: Path) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _make_tmp_dir(out, "tmp")
     try:
-        work = tmp / "work"
+        work = tmp / "work"  # extractions; downloads go to the cache, kept between runs
         data = read_source(
             params.dataset, params.source, cache_dir() if params.source is None else work
         )
@@ -178,10 +186,7 @@ def ingest(params: IngestParams, out: Path) -> dict[str, Any]:
         manifest = _manifest(data, scans, betons)
         declared = {split: len(data.splits[split]) - len(scans[split].bad) for split in SPLITS}
         report = validate_manifest(manifest, declared, len(data.classes), params.validation)
-        _write_json(
-            tmp / "validation.json",
-            {"success": report.success, "failures": report.failures, "splits": report.results},
-        )
+        _write_json(tmp / "validation.json", report.as_json())
         if not report.success:
             failed = _make_tmp_dir(out, "failed")
             (tmp / "validation.json").rename(failed / "validation.json")
@@ -213,8 +218,8 @@ def ingest(params: IngestParams, out: Path) -> dict[str, Any]:
             "skipped": bad,
             "cross_split_duplicates": int(manifest["cross_split_duplicate"].sum()),
             "ffcv": {
-                **settings.__dict__,
-                "fields": ["image", "label", "index"],
+                **asdict(settings),
+                "fields": list(FIELDS),
                 "writer_workers": 1,
             },
             "validation": {"success": True, "file": "validation.json"},

@@ -21,6 +21,9 @@ class ValidationReport:
     failures: list[str]  # one readable line per failed expectation
     results: dict[str, Any]  # the full GE results, JSON-ready, per split
 
+    def as_json(self) -> dict[str, Any]:
+        return {"success": self.success, "failures": self.failures, "splits": self.results}
+
     def summary(self) -> str:
         return "; ".join(self.failures) if self.failures else "all expectations met"
 
