@@ -7,7 +7,7 @@ setup:
 	@scripts/setup.sh
 
 repro: setup
-	.venv/bin/dvc repro
+	PATH="$(CURDIR)/.venv/bin:$$PATH" dvc repro
 
 lint: setup
 	.venv/bin/ruff check .

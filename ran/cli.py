@@ -109,3 +109,7 @@ def ingest(
     meta = tracked_ingest(params, out, experiment)
     counts = {split: info["count"] for split, info in meta["splits"].items()}
     print(json.dumps({"out": str(out), "num_classes": meta["num_classes"], "counts": counts}))
+
+
+if __name__ == "__main__":
+    app()

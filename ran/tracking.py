@@ -7,6 +7,7 @@ stages write to the same store wherever they are started from.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -64,6 +65,8 @@ def stage_run(stage: str, experiment: str, params: Mapping[str, Any]) -> Iterato
     """
     import mlflow
 
+    for chatty in ("mlflow.store.db.utils", "mlflow.tracking.fluent", "alembic"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)  # keep stderr for real problems
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(experiment)
     root = repo_root()

@@ -29,8 +29,8 @@ def _val_pixels(out: Path, meta: dict) -> tuple[np.ndarray, np.ndarray, np.ndarr
     side = meta["splits"]["val"]["max_side"]
     spec = LoaderSpec(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), resolution=side, small_images=True)
     loader = make_loader(out / "val.beton", spec, batch_size=16, train=False, num_workers=1)
-    images, labels, indices = zip(*[(x.numpy(), y.numpy(), i.numpy()) for x, y, i in loader])
-    return np.concatenate(images), np.concatenate(labels), np.concatenate(indices)
+    batches = [(x.numpy(), y.numpy(), i.numpy()) for x, y, i in loader]
+    return tuple(np.concatenate([b[k] for b in batches]) for k in range(3))
 
 
 def test_small_real_tree(cifar10_small: Path, tmp_path: Path) -> None:
@@ -45,7 +45,9 @@ def test_small_real_tree(cifar10_small: Path, tmp_path: Path) -> None:
     assert json.loads((out / "meta.json").read_text()) == meta
 
     train_files = sorted((cifar10_small / "train").glob("*/*.jpg"))
-    pixels = np.stack([np.asarray(Image.open(f).convert("RGB"), dtype=np.float64) for f in train_files])
+    pixels = np.stack(
+        [np.asarray(Image.open(f).convert("RGB"), dtype=np.float64) for f in train_files]
+    )
     assert np.allclose(meta["mean"], pixels.mean(axis=(0, 1, 2)))
     assert np.allclose(meta["std"], pixels.std(axis=(0, 1, 2)))
 
@@ -90,14 +92,18 @@ def test_cifar_python_archive(tmp_path: Path) -> None:
     archive = write_cifar_python(tmp_path, "cifar10", per_class=3)
     meta = ingest(IngestParams(dataset="cifar10", source=archive), tmp_path / "out")
     assert meta["splits"]["train"]["count"] == 150 and meta["splits"]["val"]["count"] == 30
-    assert meta["source"]["sha256"] == __import__("hashlib").sha256(archive.read_bytes()).hexdigest()
+    assert (
+        meta["source"]["sha256"] == __import__("hashlib").sha256(archive.read_bytes()).hexdigest()
+    )
 
 
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:200])
 
 
-def test_truncated_image_fails_naming_it_and_leaves_nothing(small_tree: Path, tmp_path: Path) -> None:
+def test_truncated_image_fails_naming_it_and_leaves_nothing(
+    small_tree: Path, tmp_path: Path
+) -> None:
     _truncate(small_tree / "train" / "dog" / "0003.jpg")
     out = tmp_path / "out"
     with pytest.raises(RanError, match=r"train/dog/0003\.jpg.*--skip-bad"):
@@ -122,7 +128,7 @@ def test_failed_expectation_keeps_only_the_report(small_tree: Path, tmp_path: Pa
         (small_tree / "test" / "ship" / f"copy{n}.jpg").write_bytes(source.read_bytes())
     out = tmp_path / "out"
     params = _params(small_tree, validation=ValidationParams(max_cross_split_duplicates=1))
-    with pytest.raises(ValidationFailed, match="cross_split_duplicate.*observed 2"):
+    with pytest.raises(ValidationFailed, match=r"cross_split_duplicate.*observed 2"):
         ingest(params, out)
     assert [p.name for p in out.iterdir()] == ["validation.json"]
     report = json.loads((out / "validation.json").read_text())
@@ -147,7 +153,10 @@ def test_tracked_ingest_logs_an_mlflow_run(cifar10_small: Path, tmp_path: Path) 
     experiment = client.get_experiment_by_name("ingest-test")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == "ingest"
-    assert run.data.params["dataset"] == "imagefolder" and run.data.params["validation.min_side"] == "8"
+    assert (
+        run.data.params["dataset"] == "imagefolder"
+        and run.data.params["validation.min_side"] == "8"
+    )
     assert run.data.metrics["train_count"] == 200 and run.data.metrics["validation_success"] == 1
     assert run.data.metrics["mean_r"] == pytest.approx(meta["mean"][0])
     digests = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
