@@ -1,0 +1,141 @@
+"""Loader throughput: one training epoch of CIFAR-10 with the standard augmentation.
+
+Three loaders side by side, same data, same work per image (pad-4 random crop 32,
+horizontal flip, normalise, float32 NCHW batches of 256, 2 workers):
+
+- ``ran`` — the project's loader (:func:`ran.data.beton.make_loader`), as training uses it;
+- ``ffcv`` — a plain FFCV pipeline written directly against FFCV, the reference the
+  project's loader must keep ≥ 80 % of;
+- ``torchvision`` — ``ImageFolder`` + ``DataLoader`` over the JPEG files.
+
+The first FFCV epoch pays for numba compilation; it is reported on its own, and the rate
+is the mean over the later epochs. Usage::
+
+    python benchmarks/loader.py --source ../shared/data/cifar10-jpeg.tar.gz --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ran.config import IngestParams
+from ran.data.beton import LoaderSpec, import_ffcv, make_loader
+from ran.data.ingest import ingest
+from ran.data.sources import extract_archive, is_archive
+
+BATCH, WORKERS, SIDE = 256, 2, 32
+
+
+def _epochs(make: Callable[[], Iterable], epochs: int) -> tuple[float, float, int]:
+    """(first-epoch seconds, steady images/s over the later epochs, images per epoch)."""
+    loader = make()
+    seconds, images = [], 0
+    for _ in range(epochs):
+        start, images = time.perf_counter(), 0
+        for batch in loader:
+            x = batch[0]
+            assert x.dtype == torch.float32 and x.shape[1:] == (3, SIDE, SIDE)
+            images += x.shape[0]
+        seconds.append(time.perf_counter() - start)
+    steady = seconds[1:] or seconds
+    return seconds[0], images * len(steady) / sum(steady), images
+
+
+def plain_ffcv(beton: Path, mean: np.ndarray, std: np.ndarray) -> Iterable:
+    import_ffcv()
+    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import (
+        NormalizeImage,
+        RandomHorizontalFlip,
+        RandomTranslate,
+        Squeeze,
+        ToTensor,
+        ToTorchImage,
+    )
+
+    image = [
+        SimpleRGBImageDecoder(),
+        RandomHorizontalFlip(),
+        RandomTranslate(padding=4),
+        NormalizeImage(mean, std, np.float32),
+        ToTensor(),
+        ToTorchImage(),
+    ]
+    label = [IntDecoder(), ToTensor(), Squeeze()]
+    return Loader(
+        str(beton),
+        batch_size=BATCH,
+        num_workers=WORKERS,
+        order=OrderOption.RANDOM,
+        drop_last=True,
+        os_cache=True,
+        pipelines={"image": image, "label": label, "index": None},
+    )
+
+
+def torchvision_folder(train_dir: Path, mean: np.ndarray, std: np.ndarray) -> Iterable:
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    transform = T.Compose(
+        [
+            T.RandomCrop(SIDE, padding=4),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize((mean / 255).tolist(), (std / 255).tolist()),
+        ]
+    )
+    dataset = ImageFolder(str(train_dir), transform=transform)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=BATCH, shuffle=True, num_workers=WORKERS, drop_last=True
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", type=Path, default=Path("../shared/data/cifar10-jpeg.tar.gz"))
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per loader (≥ 2)")
+    parser.add_argument("--torch-threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.torch_threads)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    with tempfile.TemporaryDirectory(prefix="ran-bench-") as tmp:
+        work = Path(tmp)
+        tree = extract_archive(args.source, work / "src") if is_archive(args.source) else args.source
+        meta = ingest(IngestParams(dataset="cifar10", source=tree), work / "ingest")
+        beton = work / "ingest" / "train.beton"
+        train_dir = next(p for p in tree.rglob("train") if p.is_dir())
+        mean, std = np.array(meta["mean"]), np.array(meta["std"])
+        spec = LoaderSpec(tuple(mean), tuple(std), resolution=SIDE, small_images=True)
+
+        loaders = {
+            "ran (project FFCV loader)": lambda: make_loader(
+                beton, spec, BATCH, train=True, num_workers=WORKERS
+            ),
+            "ffcv (plain pipeline)": lambda: plain_ffcv(beton, mean, std),
+            "torchvision ImageFolder + DataLoader": lambda: torchvision_folder(train_dir, mean, std),
+        }
+        results = {name: _epochs(make, args.epochs) for name, make in loaders.items()}
+
+    reference = results["ffcv (plain pipeline)"][1]
+    table = Table(title=f"CIFAR-10 train epoch, batch {BATCH}, {WORKERS} workers, CPU")
+    for column in ("loader", "first epoch (s)", "steady images/s", "vs plain FFCV", "images"):
+        table.add_column(column, justify="left" if column == "loader" else "right")
+    for name, (first, rate, images) in results.items():
+        table.add_row(name, f"{first:.1f}", f"{rate:,.0f}", f"{rate / reference:.0%}", f"{images:,}")
+    Console(width=120).print(table)
+
+
+if __name__ == "__main__":
+    main()
