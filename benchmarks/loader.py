@@ -112,7 +112,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="ran-bench-") as tmp:
         work = Path(tmp)
-        tree = extract_archive(args.source, work / "src") if is_archive(args.source) else args.source
+        tree = (
+            extract_archive(args.source, work / "src") if is_archive(args.source) else args.source
+        )
         meta = ingest(IngestParams(dataset="cifar10", source=tree), work / "ingest")
         beton = work / "ingest" / "train.beton"
         train_dir = next(p for p in tree.rglob("train") if p.is_dir())
@@ -124,7 +126,9 @@ def main() -> None:
                 beton, spec, BATCH, train=True, num_workers=WORKERS
             ),
             "ffcv (plain pipeline)": lambda: plain_ffcv(beton, mean, std),
-            "torchvision ImageFolder + DataLoader": lambda: torchvision_folder(train_dir, mean, std),
+            "torchvision ImageFolder + DataLoader": lambda: torchvision_folder(
+                train_dir, mean, std
+            ),
         }
         results = {name: _epochs(make, args.epochs) for name, make in loaders.items()}
 
@@ -133,7 +137,9 @@ def main() -> None:
     for column in ("loader", "first epoch (s)", "steady images/s", "vs plain FFCV", "images"):
         table.add_column(column, justify="left" if column == "loader" else "right")
     for name, (first, rate, images) in results.items():
-        table.add_row(name, f"{first:.1f}", f"{rate:,.0f}", f"{rate / reference:.0%}", f"{images:,}")
+        table.add_row(
+            name, f"{first:.1f}", f"{rate:,.0f}", f"{rate / reference:.0%}", f"{images:,}"
+        )
     Console(width=120).print(table)
 
 

@@ -17,6 +17,14 @@ from typing import Annotated, Any
 
 import typer
 
+from ran.config import (
+    SOURCE_ENV,
+    IngestParams,
+    TrackingParams,
+    ValidationParams,
+    parse,
+    with_source_override,
+)
 from ran.errors import RanError
 
 app = typer.Typer(
@@ -47,48 +55,48 @@ def main() -> None:
     """Residual Attention Network (Wang et al., CVPR 2017) pipeline."""
 
 
+INGEST = IngestParams.model_fields
+
+
+def _option(name: str, *flags: str) -> Any:
+    """A Typer option whose help text is the parameter's own description in ran.config."""
+    return typer.Option(*flags, help=INGEST[name].description)
+
+
 @app.command()
 @user_errors
 def ingest(
-    dataset: Annotated[
-        str,
-        typer.Option(help="cifar10 | cifar100 | imagenet | tiny-imagenet | imagefolder"),
-    ] = "cifar10",
+    dataset: Annotated[str, _option("dataset")] = INGEST["dataset"].default,
     source: Annotated[
         Path | None,
         typer.Option(
             help="CIFAR python archive/folder, or an ImageFolder tree (or .tar/.tar.gz) with "
             "train/ and val/ or test/; omit to download CIFAR (needs network). "
-            "Default: $RAN_INGEST_SOURCE.",
+            f"Default: ${SOURCE_ENV}.",
         ),
     ] = None,
-    out: Annotated[Path, typer.Option(help="output folder for the betons and meta.json")] = Path(
-        "data/ingest"
-    ),
-    skip_bad: Annotated[
-        bool, typer.Option("--skip-bad", help="skip unreadable images (listed in meta.json)")
-    ] = False,
-    seed: Annotated[int, typer.Option(help="seed of FFCV's per-image JPEG/raw choice")] = 0,
-    num_workers: Annotated[int, typer.Option(help="processes decoding source images")] = 2,
-    write_mode: Annotated[
-        str, typer.Option(help="auto | raw | proportion | jpg | smart (auto: raw for small images)")
-    ] = "auto",
-    max_resolution: Annotated[int, typer.Option(help="cap on the longer side (px)")] = 500,
-    jpeg_quality: Annotated[int, typer.Option(help="JPEG quality of compressed images")] = 90,
-    compress_probability: Annotated[
-        float, typer.Option(help="share of images stored as JPEG in proportion mode")
-    ] = 0.5,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("data/ingest"),
+    skip_bad: Annotated[bool, _option("skip_bad", "--skip-bad")] = INGEST["skip_bad"].default,
+    seed: Annotated[int, _option("seed")] = INGEST["seed"].default,
+    num_workers: Annotated[int, _option("num_workers")] = INGEST["num_workers"].default,
+    write_mode: Annotated[str, _option("write_mode")] = INGEST["write_mode"].default,
+    max_resolution: Annotated[int, _option("max_resolution")] = INGEST["max_resolution"].default,
+    jpeg_quality: Annotated[int, _option("jpeg_quality")] = INGEST["jpeg_quality"].default,
+    compress_probability: Annotated[float, _option("compress_probability")] = INGEST[
+        "compress_probability"
+    ].default,
     max_cross_split_duplicates: Annotated[
         int, typer.Option(help="val images allowed to equal a train image exactly")
-    ] = 10,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment")] = "residual-attention",
+    ] = ValidationParams.model_fields["max_cross_split_duplicates"].default,
+    experiment: Annotated[
+        str, typer.Option(help="MLflow experiment")
+    ] = TrackingParams.model_fields["experiment"].default,
 ) -> None:
     """Ingest a data set into FFCV files: OUT/train.beton, OUT/val.beton, OUT/meta.json.
 
     Images are validated with Great Expectations and the run is logged to MLflow
     (MLFLOW_TRACKING_URI, default sqlite:///mlflow.db at the repository root).
     """
-    from ran.config import IngestParams, parse, with_source_override
     from ran.data.ingest import tracked_ingest
 
     values = {

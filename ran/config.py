@@ -39,18 +39,23 @@ class ValidationParams(_Params):
 class IngestParams(_Params):
     """How a source becomes ``train.beton`` + ``val.beton``."""
 
-    dataset: Literal["cifar10", "cifar100", "imagenet", "tiny-imagenet", "imagefolder"] = "cifar10"
+    dataset: Literal["cifar10", "cifar100", "imagenet", "tiny-imagenet", "imagefolder"] = Field(
+        "cifar10",
+        description="what the data is: cifar10 | cifar100 | imagenet | tiny-imagenet | imagefolder",
+    )
     source: Path | None = Field(None, description="local archive or folder; None = download")
-    skip_bad: bool = Field(False, description="skip unreadable images instead of failing")
+    skip_bad: bool = Field(False, description="skip unreadable images (listed in meta.json)")
     seed: int = Field(0, description="seeds FFCV's per-image JPEG/raw choice")
     num_workers: int = Field(2, ge=1, description="processes decoding source images")
     write_mode: Literal["auto", "raw", "proportion", "jpg", "smart"] = Field(
-        "auto", description="auto: raw when every image fits raw_max_side, else proportion"
+        "auto", description="auto: raw when every side fits raw_max_side, else proportion"
     )
-    raw_max_side: int = Field(64, ge=1)
-    max_resolution: int = Field(500, ge=1, description="longer side cap, as ffcv-imagenet")
-    jpeg_quality: int = Field(90, ge=1, le=100)
-    compress_probability: float = Field(0.5, ge=0.0, le=1.0)
+    raw_max_side: int = Field(64, ge=1, description="largest side stored raw by write_mode auto")
+    max_resolution: int = Field(500, ge=1, description="cap on the longer side (px)")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="quality of JPEG-stored images")
+    compress_probability: float = Field(
+        0.5, ge=0.0, le=1.0, description="share of images stored as JPEG in proportion mode"
+    )
     validation: ValidationParams = ValidationParams()
 
 
