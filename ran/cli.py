@@ -119,5 +119,38 @@ def ingest(
     print(json.dumps({"out": str(out), "num_classes": meta["num_classes"], "counts": counts}))
 
 
+@app.command()
+def models(
+    json_output: Annotated[
+        bool, typer.Option("--json", help="print a JSON list instead of a table")
+    ] = False,
+) -> None:
+    """List every registered model variant: input size, depth, params and MACs vs the paper."""
+    from ran.models import model_table
+
+    rows = model_table()
+    if json_output:
+        print(json.dumps(rows, indent=2))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Registered models (MACs at the listed input size, batch 1)")
+    for column in ("name", "input", "depth", "params (M)", "paper", "GMACs", "paper"):
+        table.add_column(column, justify="left" if column == "name" else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(
+            row["name"],
+            str(row["input_size"]),
+            str(row["depth"]),
+            f"{row['params'] / 1e6:.2f}",
+            "-" if row["ref_params_m"] is None else f"{row['ref_params_m']:.1f}",
+            f"{row['macs'] / 1e9:.3f}",
+            "-" if row["ref_macs_g"] is None else f"{row['ref_macs_g']:.1f}",
+        )
+    Console().print(table)
+
+
 if __name__ == "__main__":
     app()

@@ -237,7 +237,7 @@ def _find_split_root(root: Path) -> Path:
     """The folder holding ``train/``: the root, a lone top-level folder, or ImageNet's CLS-LOC."""
     candidates = [root, root / "ILSVRC" / "Data" / "CLS-LOC"]
     here = root
-    while (here / "train").is_dir() is False:
+    while not (here / "train").is_dir():
         children = [c for c in here.iterdir() if c.is_dir() and not c.name.startswith(".")]
         if len(children) != 1:
             break
@@ -254,7 +254,7 @@ def _find_split_root(root: Path) -> Path:
 
 def _class_names(root: Path, split_root: Path, wnids: list[str]) -> tuple[list[str], bool]:
     """Human class names from a synset file when there is one (ImageNet, Tiny-ImageNet)."""
-    for folder in {root, split_root, split_root.parent}:
+    for folder in dict.fromkeys((root, split_root, split_root.parent)):  # ordered, no repeats
         for fname, sep in (("LOC_synset_mapping.txt", " "), ("words.txt", "\t")):
             path = folder / fname
             if path.is_file():
