@@ -126,7 +126,7 @@ def models(
     ] = False,
 ) -> None:
     """List every registered model variant: input size, depth, params and MACs vs the paper."""
-    from ran.models import model_table
+    from ran.model_table import model_table
 
     rows = model_table()
     if json_output:
@@ -149,7 +149,8 @@ def models(
             f"{row['macs'] / 1e9:.3f}",
             "-" if row["ref_macs_g"] is None else f"{row['ref_macs_g']:.1f}",
         )
-    Console().print(table)
+    console = Console()
+    Console(width=max(console.width, 100)).print(table)  # seven columns need 100
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from ran.errors import RanError
 
 PARAMS_FILE = Path("params.yaml")
 SOURCE_ENV = "RAN_INGEST_SOURCE"
+CACHE_ENV = "RAN_CACHE"
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -95,3 +96,8 @@ def with_source_override(params: IngestParams) -> IngestParams:
     """Apply ``RAN_INGEST_SOURCE`` (an environment override of ``ingest.source``)."""
     override = os.environ.get(SOURCE_ENV)
     return params.model_copy(update={"source": Path(override)}) if override else params
+
+
+def cache_dir() -> Path:
+    """Where downloads and derived tables are kept between runs (``RAN_CACHE``, ~/.cache/ran)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ran")

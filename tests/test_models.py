@@ -310,3 +310,19 @@ def test_full_width_imagenet_forward_at_224(name: str) -> None:
     assert logits.shape == (1, 1000)
     assert [m.shape[-1] for m in masks] == [56, 28, 14]
     assert count_params(model) == pytest.approx(31.9e6, rel=0.03)
+
+
+def test_model_table_is_cached_by_model_code(
+    table: dict[str, dict], monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    import ran.model_table as cached
+
+    calls = []
+    monkeypatch.setattr("ran.models.model_table", lambda: calls.append(1) or list(table.values()))
+    first = cached.model_table()
+    assert cached.model_table() == first and len(calls) == 1  # second listing: from the cache
+    source = tmp_path / "models"
+    source.mkdir()
+    (source / "ran.py").write_text("# changed model code\n")
+    monkeypatch.setattr(cached, "MODELS_SOURCE", source)
+    assert cached.model_table() == first and len(calls) == 2  # new code: measured again

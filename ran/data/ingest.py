@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ran.config import IngestParams
+from ran.config import IngestParams, cache_dir
 from ran.data.beton import (
     FIELDS,
     WriteSettings,
@@ -36,7 +36,6 @@ from ran.errors import RanError
 
 SPLITS = ("train", "val")
 OUTPUTS = ("train.beton", "val.beton", "meta.json", "manifest.parquet", "validation.json")
-CACHE_ENV = "RAN_CACHE"
 
 
 class ValidationFailed(RanError):
@@ -45,11 +44,6 @@ class ValidationFailed(RanError):
     def __init__(self, message: str, report: Path) -> None:
         super().__init__(message)
         self.report = report
-
-
-def cache_dir() -> Path:
-    """Where official downloads are kept between runs (``RAN_CACHE`` or ~/.cache/ran)."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ran")
 
 
 def _progress(description: str, total: int) -> Callable[[Iterable], Iterable]:
