@@ -1,7 +1,7 @@
 # The two commands a newcomer needs (both set everything up first):
 #   make repro   run the DVC pipeline (dvc repro)
 #   make test    lint, format check, and the whole test suite
-.PHONY: setup repro test lint bench lock
+.PHONY: setup repro test lint bench bench-models lock
 
 setup:
 	@scripts/setup.sh
@@ -18,6 +18,9 @@ test: lint
 
 bench: setup
 	.venv/bin/python benchmarks/loader.py
+
+bench-models: setup
+	.venv/bin/python benchmarks/models.py
 
 # Re-pin requirements.lock from the current .venv (after changing pyproject.toml).
 lock:

@@ -9,9 +9,9 @@ horizontal flip, normalise, float32 NCHW batches of 256, 2 workers):
 - ``torchvision`` — ``ImageFolder`` + ``DataLoader`` over the JPEG files.
 
 The first FFCV epoch pays for numba compilation; it is reported on its own, and the rate
-is the mean over the later epochs. Usage::
+is over the later epochs, which run round-robin. Usage::
 
-    python benchmarks/loader.py --source ../shared/data/cifar10-jpeg.tar.gz --epochs 3
+    python benchmarks/loader.py --source ../shared/data/cifar10-jpeg.tar.gz --epochs 4
 """
 
 from __future__ import annotations
@@ -33,19 +33,33 @@ from ran.data.sources import extract_archive, is_archive
 BATCH, WORKERS, SIDE = 256, 2, 32
 
 
-def _epochs(make: Callable[[], Iterable], epochs: int) -> tuple[float, float, int]:
-    """(first-epoch seconds, steady images/s over the later epochs, images per epoch)."""
-    loader = make()
-    seconds, images = [], 0
+def _epoch(loader: Iterable) -> tuple[float, int]:
+    """Seconds and images of one pass over ``loader``."""
+    start, images = time.perf_counter(), 0
+    for batch in loader:
+        x = batch[0]
+        assert x.dtype == torch.float32 and x.shape[1:] == (3, SIDE, SIDE)
+        images += x.shape[0]
+    return time.perf_counter() - start, images
+
+
+def compare(makers: dict[str, Callable[[], Iterable]], epochs: int) -> dict[str, tuple]:
+    """Per loader: (first-epoch seconds, steady images/s, images per epoch).
+
+    Epochs run round-robin (one epoch of each loader per round), so a neighbour's load or
+    a warming page cache slows every loader alike instead of whichever runs first.
+    """
+    loaders = {name: make() for name, make in makers.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in loaders}
+    images: dict[str, int] = {}
     for _ in range(epochs):
-        start, images = time.perf_counter(), 0
-        for batch in loader:
-            x = batch[0]
-            assert x.dtype == torch.float32 and x.shape[1:] == (3, SIDE, SIDE)
-            images += x.shape[0]
-        seconds.append(time.perf_counter() - start)
-    steady = seconds[1:] or seconds
-    return seconds[0], images * len(steady) / sum(steady), images
+        for name, loader in loaders.items():
+            took, images[name] = _epoch(loader)
+            seconds[name].append(took)
+    return {
+        name: (s[0], images[name] * len(s[1:]) / sum(s[1:]), images[name])
+        for name, s in seconds.items()
+    }
 
 
 def plain_ffcv(beton: Path, mean: np.ndarray, std: np.ndarray) -> Iterable:
@@ -102,7 +116,7 @@ def torchvision_folder(train_dir: Path, mean: np.ndarray, std: np.ndarray) -> It
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, default=Path("../shared/data/cifar10-jpeg.tar.gz"))
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per loader (≥ 2)")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per loader (≥ 2)")
     parser.add_argument("--torch-threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
@@ -130,7 +144,7 @@ def main() -> None:
                 train_dir, mean, std
             ),
         }
-        results = {name: _epochs(make, args.epochs) for name, make in loaders.items()}
+        results = compare(loaders, args.epochs)
 
     reference = results["ffcv (plain pipeline)"][1]
     table = Table(title=f"CIFAR-10 train epoch, batch {BATCH}, {WORKERS} workers, CPU")

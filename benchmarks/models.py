@@ -2,8 +2,8 @@
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/models.py            # CIFAR table + ImageNet Attention-56
-    PYTHONPATH=. python benchmarks/models.py --only cifar --steps 5
+    python benchmarks/models.py                          # CIFAR table + ImageNet Attention-56
+    python benchmarks/models.py --only cifar --steps 5
 
 Every row is the same registered model; only the execution settings change, which is the
 point: channels_last and torch.compile are options applied to one model, never copies of
