@@ -5,20 +5,22 @@ later stages (label noise, per-sample losses) look data up by index without rewr
 images.
 
 Writing is byte-for-byte deterministic, because DVC hashes outputs: FFCV's writer runs a
-single process (with several, pages land in whatever order the processes finish; the
-source images are decoded in parallel beforehand, see :mod:`ran.data.scan`), and its
-'proportion' mode, which draws from numpy's global RNG, is reseeded per record from
-``(seed, index)``.
+single process (with several, pages land in whatever order the processes finish: two
+2-process writes of CIFAR-10's test split gave two different files), fed in order by
+processes that decode the source images ahead of it; and its 'proportion' mode, which
+draws from numpy's global RNG, is reseeded per record from ``(seed, index)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ran.data.parallel import ordered_map
 from ran.data.sources import Split
 
 FIELDS = ("image", "label", "index")
@@ -57,23 +59,43 @@ def prepare_image(image: np.ndarray, max_resolution: int) -> np.ndarray:
 
 
 class _Records:
-    """The indexed dataset FFCV's writer reads: kept source records, renumbered 0..n-1."""
+    """The indexed dataset FFCV's writer reads: kept source records, renumbered 0..n-1.
 
-    def __init__(self, split: Split, keep: np.ndarray, settings: WriteSettings) -> None:
-        self.split, self.keep, self.settings = split, keep, settings
+    FFCV's single writer process asks for records in order, so images are decoded ahead of
+    it by ``workers`` processes (started inside the writer process, on first access); an
+    out-of-order request restarts the stream there, slower but still correct.
+    """
+
+    def __init__(self, split: Split, keep: np.ndarray, settings: WriteSettings, workers: int):
+        self.split, self.keep, self.settings, self.workers = split, keep, settings, workers
+        self._stream: Iterator[np.ndarray] | None = None
+        self._next = 0
 
     def __len__(self) -> int:
         return len(self.keep)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
-        np.random.seed([self.settings.seed, index])  # FFCV's proportion mode draws here
+    def _image(self, index: int) -> np.ndarray:
         source = int(self.keep[index])
-        image = prepare_image(self.split.load(source), self.settings.max_resolution)
-        return image, int(self.split.labels[source]), index
+        return prepare_image(self.split.load(source), self.settings.max_resolution)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
+        if self._stream is None or index != self._next:
+            self._stream = ordered_map(self._image, range(index, len(self)), self.workers)
+        image = next(self._stream)
+        self._next = index + 1
+        if self._next == len(self):
+            self._stream.close()  # stops the decoding processes
+        np.random.seed([self.settings.seed, index])  # FFCV's proportion mode draws next
+        return image, int(self.split.labels[self.keep[index]]), index
 
 
-def write_beton(split: Split, keep: np.ndarray, path: Path, settings: WriteSettings) -> None:
-    """Write the records ``keep`` of ``split`` to ``path`` (FFCV shows a progress bar)."""
+def write_beton(
+    split: Split, keep: np.ndarray, path: Path, settings: WriteSettings, workers: int = 1
+) -> None:
+    """Write the records ``keep`` of ``split`` to ``path`` (FFCV shows a progress bar).
+
+    ``workers`` processes decode the source images; FFCV's writer itself runs one process.
+    """
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
@@ -89,7 +111,7 @@ def write_beton(split: Split, keep: np.ndarray, path: Path, settings: WriteSetti
         "index": IntField(),
     }
     writer = DatasetWriter(str(path), fields, page_size=settings.page_size, num_workers=1)
-    writer.from_indexed_dataset(_Records(split, keep, settings), chunksize=1000)
+    writer.from_indexed_dataset(_Records(split, keep, settings, workers), chunksize=1000)
 
 
 def read_records(path: Path) -> dict[str, np.ndarray]:

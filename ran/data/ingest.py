@@ -174,7 +174,8 @@ def ingest(params: IngestParams, out: Path) -> dict[str, Any]:
         )
         betons = {split: tmp / f"{split}.beton" for split in SPLITS}
         for split in SPLITS:
-            write_beton(data.splits[split], scans[split].good, betons[split], settings)
+            good = scans[split].good
+            write_beton(data.splits[split], good, betons[split], settings, params.num_workers)
         shutil.rmtree(work, ignore_errors=True)
 
         manifest = _manifest(data, scans, betons)

@@ -9,16 +9,14 @@ raises, only ever sees images already known to decode.
 from __future__ import annotations
 
 import hashlib
-import multiprocessing as mp
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
+from ran.data.parallel import ordered_map
 from ran.data.sources import Split
-
-# Set just before forking, so the worker processes inherit it without pickling a dataset.
-_ACTIVE: tuple[Split, Callable[[np.ndarray], np.ndarray]] | None = None
 
 
 @dataclass
@@ -54,23 +52,15 @@ def content_hash(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _scan_one(i: int) -> tuple[int, tuple | str]:
-    split, prepare = _ACTIVE
+def _facts(split: Split, prepare: Callable[[np.ndarray], np.ndarray], i: int) -> tuple | str:
+    """Size, hash and channel sums of record ``i``, or ``"name: reason"`` if it won't decode."""
     try:
         image = prepare(split.load(i))
     except Exception as exc:  # any decoder failure is a bad image, reported by name
-        return i, f"{split.name(i)}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"{split.name(i)}: {reason}"
     flat = image.reshape(-1, 3).astype(np.float64)
-    stats = (image.shape[0], image.shape[1], content_hash(image), flat.sum(0), (flat**2).sum(0))
-    return i, stats
-
-
-def _ordered_map(n: int, workers: int) -> Iterator[tuple[int, tuple | str]]:
-    if workers == 1:
-        yield from map(_scan_one, range(n))
-        return
-    with mp.get_context("fork").Pool(workers) as pool:
-        yield from pool.imap(_scan_one, range(n), chunksize=max(1, min(256, n // (workers * 8))))
+    return image.shape[0], image.shape[1], content_hash(image), flat.sum(0), (flat**2).sum(0)
 
 
 def scan_split(
@@ -80,22 +70,18 @@ def scan_split(
     progress: Callable[[Iterable], Iterable] = iter,
 ) -> ScanResult:
     """Decode every image of ``split`` through ``prepare`` (RGB → stored form) and record facts."""
-    global _ACTIVE
     n = len(split)
     height = np.zeros(n, dtype=np.int64)
     width = np.zeros(n, dtype=np.int64)
     hashes = [""] * n
     total, total_sq = np.zeros(3), np.zeros(3)
     bad: list[tuple[int, str]] = []
-    _ACTIVE = (split, prepare)
-    try:
-        for i, result in progress(_ordered_map(n, workers)):
-            if isinstance(result, str):
-                bad.append((i, result))
-                continue
-            height[i], width[i], hashes[i], s, sq = result
-            total += s
-            total_sq += sq
-    finally:
-        _ACTIVE = None
+    facts = ordered_map(partial(_facts, split, prepare), range(n), workers)
+    for i, result in enumerate(progress(facts)):
+        if isinstance(result, str):
+            bad.append((i, result))
+            continue
+        height[i], width[i], hashes[i], s, sq = result
+        total += s
+        total_sq += sq
     return ScanResult(height, width, hashes, total, total_sq, bad)
