@@ -174,3 +174,21 @@ def test_failed_ingest_marks_the_run_failed(small_tree: Path, tmp_path: Path) ->
     client = MlflowClient()
     (run,) = client.search_runs([client.get_experiment_by_name("ingest-fail").experiment_id])
     assert run.info.status == "FAILED"
+
+
+def test_writer_failure_is_an_error_not_a_hang(cifar10_small: Path, tmp_path: Path) -> None:
+    """A source file that vanishes after the decode pass kills FFCV's writer process."""
+    import signal
+
+    from ran.data.beton import WriteSettings, write_beton
+    from ran.data.sources import FileSplit
+
+    files = ["train/cat/0000.jpg", "train/cat/missing.jpg", "train/cat/0001.jpg"]
+    split = FileSplit(cifar10_small, files, np.zeros(3, dtype=np.int64))
+    settings = WriteSettings("raw", 500, 90, 0.5, seed=0)
+    signal.alarm(300)  # a regression would hang: fail the test instead
+    try:
+        with pytest.raises(RanError, match=r"writing train\.beton failed"):
+            write_beton(split, np.arange(3), tmp_path / "train.beton", settings, workers=2)
+    finally:
+        signal.alarm(0)

@@ -13,6 +13,9 @@ draws from numpy's global RNG, is reseeded per record from ``(seed, index)``.
 
 from __future__ import annotations
 
+import _thread
+import multiprocessing
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ import numpy as np
 
 from ran.data.parallel import ordered_map
 from ran.data.sources import Split
+from ran.errors import RanError
 
 FIELDS = ("image", "label", "index")
 IMAGENET_CROP_RATIO = 224 / 256
@@ -111,7 +115,47 @@ def write_beton(
         "index": IntField(),
     }
     writer = DatasetWriter(str(path), fields, page_size=settings.page_size, num_workers=1)
-    writer.from_indexed_dataset(_Records(split, keep, settings, workers), chunksize=1000)
+    with _WriterWatchdog() as watchdog:
+        try:
+            writer.from_indexed_dataset(_Records(split, keep, settings, workers), chunksize=1000)
+        except KeyboardInterrupt:
+            if watchdog.failure is None:
+                raise  # a real Ctrl-C
+            raise RanError(
+                f"writing {path.name} failed: FFCV's writer process {watchdog.failure} "
+                "(its traceback is above); fix the source and run again"
+            ) from None
+
+
+class _WriterWatchdog:
+    """Interrupts the main thread when FFCV's writer process dies.
+
+    FFCV's ``DatasetWriter`` polls a shared counter until every record is written; if its
+    process raises (a source file vanished after the decode pass, say) it waits forever.
+    """
+
+    def __init__(self, period: float = 0.5) -> None:
+        self.period, self.failure = period, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        seen: set = set()
+        while not self._stop.wait(self.period):
+            seen.update(multiprocessing.active_children())
+            dead = [p for p in seen if p.exitcode not in (None, 0)]
+            if dead:
+                self.failure = f"exited with code {dead[0].exitcode}"
+                _thread.interrupt_main()
+                return
+
+    def __enter__(self) -> _WriterWatchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def read_records(path: Path) -> dict[str, np.ndarray]:
