@@ -11,7 +11,7 @@ from conftest import write_cifar_python
 from PIL import Image
 
 from ran.config import IngestParams, ValidationParams
-from ran.data.beton import LoaderSpec, make_loader, read_records
+from ran.data.beton import LoaderSpec, WriteSettings, make_loader, read_records
 from ran.data.ingest import OUTPUTS, ValidationFailed, ingest, tracked_ingest
 from ran.errors import RanError
 
@@ -192,3 +192,25 @@ def test_writer_failure_is_an_error_not_a_hang(cifar10_small: Path, tmp_path: Pa
             write_beton(split, np.arange(3), tmp_path / "train.beton", settings, workers=2)
     finally:
         signal.alarm(0)
+
+
+def test_large_raw_images_get_pages_that_fit(imagenet_tree: Path, tmp_path: Path) -> None:
+    """A raw 1,800-px image (9.7 MB) does not fit FFCV's default 8 MiB page: the writer
+    process would fail (and FFCV wait forever) unless the page is sized to the data."""
+    import signal
+
+    root = tmp_path / "big"
+    sources = sorted(imagenet_tree.glob("train/*/*.JPEG"))[:2]
+    for n, (image, side) in enumerate(zip(sources, (1800, 400), strict=True)):
+        for split in ("train", "val"):
+            (root / split / f"c{n}").mkdir(parents=True)
+            with Image.open(image) as img:
+                img.convert("RGB").resize((side, side)).save(root / split / f"c{n}" / "a.png")
+    params = IngestParams(dataset="imagefolder", source=root, write_mode="raw", max_resolution=2000)
+    signal.alarm(300)  # a regression would hang: fail the test instead
+    try:
+        meta = ingest(params, tmp_path / "out")
+    finally:
+        signal.alarm(0)
+    assert meta["splits"]["train"]["max_side"] == 1800
+    assert meta["ffcv"]["page_size"] == WriteSettings.page_size_for(1800 * 1800) == 1 << 24

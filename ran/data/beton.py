@@ -51,7 +51,13 @@ class WriteSettings:
     jpeg_quality: int
     compress_probability: float
     seed: int
-    page_size: int = 1 << 23  # FFCV's default (4 × 2 MiB)
+    page_size: int = 1 << 23  # FFCV's default (4 × 2 MiB); see page_size_for
+
+    @staticmethod
+    def page_size_for(max_pixels: int) -> int:
+        """FFCV's default page, or the power of two that holds the largest raw image: a
+        record larger than a page makes FFCV's writer process fail."""
+        return max(1 << 23, 1 << int(3 * max_pixels - 1).bit_length())
 
 
 def prepare_image(image: np.ndarray, max_resolution: int) -> np.ndarray:
@@ -74,6 +80,7 @@ class _Records:
         self.split, self.keep, self.settings, self.workers = split, keep, settings, workers
         self._stream: Iterator[np.ndarray] | None = None
         self._next = 0
+        self.failed = multiprocessing.Value("q", -1, lock=False)  # a failed index, seen by all
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -85,7 +92,11 @@ class _Records:
     def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
         if self._stream is None or index != self._next:
             self._stream = ordered_map(self._image, range(index, len(self)), self.workers)
-        image = next(self._stream)
+        try:
+            image = next(self._stream)
+        except Exception:
+            self.failed.value = index
+            raise
         self._next = index + 1
         if self._next == len(self):
             self._stream.close()  # stops the decoding processes
@@ -115,37 +126,37 @@ def write_beton(
         "index": IntField(),
     }
     writer = DatasetWriter(str(path), fields, page_size=settings.page_size, num_workers=1)
-    with _WriterWatchdog() as watchdog:
+    records = _Records(split, keep, settings, workers)
+    with _WriterWatchdog(records) as watchdog:
         try:
-            writer.from_indexed_dataset(_Records(split, keep, settings, workers), chunksize=1000)
+            writer.from_indexed_dataset(records, chunksize=1000)
         except KeyboardInterrupt:
             if watchdog.failure is None:
                 raise  # a real Ctrl-C
             raise RanError(
-                f"writing {path.name} failed: FFCV's writer process {watchdog.failure} "
-                "(its traceback is above); fix the source and run again"
+                f"writing {path.name} failed at {watchdog.failure} (traceback above); the "
+                "source changed after it was checked: fix it and run again"
             ) from None
 
 
 class _WriterWatchdog:
-    """Interrupts the main thread when FFCV's writer process dies.
+    """Interrupts the main thread when FFCV's writer process fails on a record.
 
     FFCV's ``DatasetWriter`` polls a shared counter until every record is written; if its
     process raises (a source file vanished after the decode pass, say) it waits forever.
+    ``_Records`` marks the failing record in shared memory; this thread watches for it.
     """
 
-    def __init__(self, period: float = 0.5) -> None:
-        self.period, self.failure = period, None
+    def __init__(self, records: _Records, period: float = 0.2) -> None:
+        self.records, self.period, self.failure = records, period, None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def _watch(self) -> None:
-        seen: set = set()
         while not self._stop.wait(self.period):
-            seen.update(multiprocessing.active_children())
-            dead = [p for p in seen if p.exitcode not in (None, 0)]
-            if dead:
-                self.failure = f"exited with code {dead[0].exitcode}"
+            index = self.records.failed.value
+            if index >= 0:
+                self.failure = self.records.split.name(int(self.records.keep[index]))
                 _thread.interrupt_main()
                 return
 

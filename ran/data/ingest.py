@@ -73,6 +73,10 @@ def _write_mode(params: IngestParams, scans: dict[str, ScanResult]) -> str:
     return "raw" if max(sides) <= params.raw_max_side else "proportion"
 
 
+def _max_pixels(scans: dict[str, ScanResult]) -> int:
+    return max(int((s.height[s.good] * s.width[s.good]).max(initial=0)) for s in scans.values())
+
+
 def _manifest(data: SourceData, scans: dict[str, ScanResult], betons: dict[str, Path]) -> Any:
     """One row per written record: what the source gave, and what the beton holds."""
     import pandas as pd
@@ -171,6 +175,7 @@ def ingest(params: IngestParams, out: Path) -> dict[str, Any]:
             jpeg_quality=params.jpeg_quality,
             compress_probability=params.compress_probability,
             seed=params.seed,
+            page_size=WriteSettings.page_size_for(_max_pixels(scans)),
         )
         betons = {split: tmp / f"{split}.beton" for split in SPLITS}
         for split in SPLITS:
