@@ -150,7 +150,6 @@ def ingest(params: IngestParams, out: Path) -> dict[str, Any]:
     """
     from ran.data.validate import validate_manifest
 
-    import_ffcv()  # once here, not in every forked decoding process
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _make_tmp_dir(out, "tmp")
     try:
@@ -158,6 +157,7 @@ def ingest(params: IngestParams, out: Path) -> dict[str, Any]:
         data = read_source(
             params.dataset, params.source, cache_dir() if params.source is None else work
         )
+        import_ffcv()  # once here, not in every forked decoding process
         prepare = partial(prepare_image, max_resolution=params.max_resolution)
         scans = {
             split: scan_split(
