@@ -4,7 +4,7 @@ from pathlib import Path
 
 from ran.config import IngestParams, TrackingParams, load_section, with_source_override
 from ran.data.ingest import tracked_ingest
-from ran.stage import stage_main
+from ran.errors import user_errors
 
 OUT = Path("data/ingest")
 
@@ -16,4 +16,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    stage_main(main)
+    user_errors(main)()

@@ -3,15 +3,12 @@
 Thin on purpose: each command parses its options, calls one library function and prints
 the result. Heavy imports (torch, ffcv, mlflow) happen inside the commands, so
 ``ran-cli --help`` answers at once. A :class:`~ran.errors.RanError` is printed as one line
-on stderr with exit code 1, never as a traceback.
+on stderr with exit code 1, never as a traceback (:func:`ran.errors.user_errors`).
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +22,7 @@ from ran.config import (
     parse,
     with_source_override,
 )
-from ran.errors import RanError
+from ran.errors import user_errors
 
 app = typer.Typer(
     name="ran-cli",
@@ -34,20 +31,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-
-def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a RanError into ``error: <message>`` on stderr and exit code 1."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except RanError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            raise typer.Exit(1) from None
-
-    return wrapper
 
 
 @app.callback()
