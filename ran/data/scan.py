@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 
 import numpy as np
 
@@ -30,10 +30,12 @@ class ScanResult:
     channel_sq_sum: np.ndarray
     bad: list[tuple[int, str]]  # (index, "path: reason")
 
-    @property
+    @cached_property
     def good(self) -> np.ndarray:
-        bad = {i for i, _ in self.bad}
-        return np.array([i for i in range(len(self.height)) if i not in bad], dtype=np.int64)
+        """Indices of the records that decoded (read by every later step, computed once)."""
+        keep = np.ones(len(self.height), dtype=bool)
+        keep[[i for i, _ in self.bad]] = False
+        return np.flatnonzero(keep)
 
     def mean_std(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std on the 0–255 scale, over all pixels of the good records."""
