@@ -67,14 +67,8 @@ def _write_mode(params: IngestParams, scans: dict[str, ScanResult]) -> str:
     """``auto``: raw pixels when every image is small (CIFAR), else ffcv-imagenet's mix."""
     if params.write_mode != "auto":
         return params.write_mode
-    sides = [
-        max(s.height[s.good].max(initial=0), s.width[s.good].max(initial=0)) for s in scans.values()
-    ]
-    return "raw" if max(sides) <= params.raw_max_side else "proportion"
-
-
-def _max_pixels(scans: dict[str, ScanResult]) -> int:
-    return max(int((s.height[s.good] * s.width[s.good]).max(initial=0)) for s in scans.values())
+    largest = max(scan.max_side for scan in scans.values())
+    return "raw" if largest <= params.raw_max_side else "proportion"
 
 
 def _manifest(data: SourceData, scans: dict[str, ScanResult], betons: dict[str, Path]) -> Any:
@@ -175,7 +169,7 @@ def ingest(params: IngestParams, out: Path) -> dict[str, Any]:
             jpeg_quality=params.jpeg_quality,
             compress_probability=params.compress_probability,
             seed=params.seed,
-            page_size=WriteSettings.page_size_for(_max_pixels(scans)),
+            page_size=WriteSettings.page_size_for(max(s.max_pixels for s in scans.values())),
         )
         betons = {split: tmp / f"{split}.beton" for split in SPLITS}
         for split in SPLITS:
@@ -206,7 +200,7 @@ def ingest(params: IngestParams, out: Path) -> dict[str, Any]:
                 split: {
                     "count": declared[split],
                     "source_count": len(data.splits[split]),
-                    "max_side": int(max(scans[split].height.max(), scans[split].width.max())),
+                    "max_side": scans[split].max_side,
                     "beton": f"{split}.beton",
                     "sha256": sha256_file(betons[split]),
                 }

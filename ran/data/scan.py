@@ -23,7 +23,7 @@ from ran.data.sources import Split
 class ScanResult:
     """Per-record facts of one split, in source order; ``bad`` names what failed to decode."""
 
-    height: np.ndarray
+    height: np.ndarray  # 0 for bad records, so maxima need no filtering
     width: np.ndarray
     content_hash: list[str]
     channel_sum: np.ndarray  # float64 [3], over every pixel of the good records
@@ -36,6 +36,15 @@ class ScanResult:
         keep = np.ones(len(self.height), dtype=bool)
         keep[[i for i, _ in self.bad]] = False
         return np.flatnonzero(keep)
+
+    @property
+    def max_side(self) -> int:
+        """The longest image side in the split (0 when nothing decoded)."""
+        return int(max(self.height.max(initial=0), self.width.max(initial=0)))
+
+    @property
+    def max_pixels(self) -> int:
+        return int((self.height * self.width).max(initial=0))
 
     def mean_std(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std on the 0–255 scale, over all pixels of the good records."""

@@ -17,7 +17,7 @@ import hashlib
 import pickle
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -108,7 +108,6 @@ class SourceData:
     origin: str  # path or URL, for meta.json and MLflow
     archive: Path | None = None  # the single file the data came from, hashed for the digest
     wnids: list[str] | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- archives
