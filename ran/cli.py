@@ -14,12 +14,16 @@ from typing import Annotated, Any
 
 import typer
 
+from ran.cli_options import with_model_options
 from ran.config import (
     SOURCE_ENV,
+    EvaluateParams,
     IngestParams,
     TrackingParams,
+    TrainParams,
     ValidationParams,
     parse,
+    profile_values,
     with_source_override,
 )
 from ran.errors import user_errors
@@ -134,6 +138,119 @@ def models(
         )
     console = Console()
     Console(width=max(console.width, 100)).print(table)  # seven columns need 100
+
+
+TRAIN_HELP = """Train a Residual Attention Network (or the ResNet baseline) on an ingest output.
+
+Defaults are the paper's recipe (CIFAR: SGD+Nesterov, batch 64, lr 0.1 ÷10 at 64k and 96k
+iterations, 160k in all; ImageNet: ÷10 at 200k/400k/500k, 530k in all). The variant and
+the number of classes follow the data (meta.json). --profile quick lays params.yaml's
+`quick.train` over them (the 2-core CPU profile). Writes OUT/checkpoint-last.pt,
+OUT/model.pt, OUT/curves.csv and OUT/summary.json, and logs one MLflow run.
+Several GPUs: torchrun --nproc-per-node N -m ran.cli train ...
+"""
+
+
+@app.command(help=TRAIN_HELP)
+@user_errors
+@with_model_options(TrainParams)
+def train(
+    values: dict,
+    data: Annotated[Path, typer.Option(help="ingest output (meta.json, train.beton)")] = Path(
+        "data/ingest"
+    ),
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("data/train"),
+    labels: Annotated[
+        Path | None,
+        typer.Option(help="labels.npy (int64, one per train record) to train on instead"),
+    ] = None,
+    profile: Annotated[
+        str, typer.Option(help="paper | quick (params.yaml quick.train laid over the paper's)")
+    ] = "paper",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from OUT/checkpoint-last.pt")
+    ] = False,
+    experiment: Annotated[
+        str, typer.Option(help="MLflow experiment")
+    ] = TrackingParams.model_fields["experiment"].default,
+) -> None:
+    from ran.config import resolve_profile
+    from ran.train import train_model
+
+    base = profile_values("train", resolve_profile(profile, has_gpu=False))
+    params = parse(TrainParams, {**base, **values}, "train")
+    summary = train_model(
+        params, data, out, experiment, labels=labels, resume="yes" if resume else "no"
+    )
+    if summary:
+        print(json.dumps(summary))
+
+
+@app.command()
+@user_errors
+@with_model_options(EvaluateParams)
+def evaluate(
+    values: dict,
+    model: Annotated[Path, typer.Option(help="model.pt written by `ran-cli train`")] = Path(
+        "data/train/model.pt"
+    ),
+    data: Annotated[Path, typer.Option(help="ingest output whose val.beton is scored")] = Path(
+        "data/ingest"
+    ),
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("data/evaluate"),
+    experiment: Annotated[
+        str, typer.Option(help="MLflow experiment")
+    ] = TrackingParams.model_fields["experiment"].default,
+) -> None:
+    """Score a trained model on the test split: top-1/top-5, per-class accuracy, confusion
+    matrix and attention-mask figures into OUT, logged to MLflow beside the training run."""
+    from ran.evaluate import tracked_evaluate
+
+    params = parse(EvaluateParams, values, "evaluate")
+    metrics = tracked_evaluate(model, data, out, params, experiment)
+    print(json.dumps(metrics))
+
+
+UI_HELP = (
+    "Start MLflow's web UI on the project's tracking store, at http://HOST:PORT.\n\n"
+    "The store is MLFLOW_TRACKING_URI, else sqlite:///mlflow.db at the repository root. "
+    "Runs' artifacts (models, files) are read from where each run logged them: MLflow's "
+    "default is ./mlruns of the folder it ran in, the repository root for ran-cli and the DVC "
+    "stages. Runs `mlflow server` from this environment until Ctrl-C.\n\n"
+    "When MLFLOW_TRACKING_URI is an http(s) tracking server, its UI is already there: the "
+    "command prints that address and exits."
+)
+
+
+@app.command(help=UI_HELP)
+def ui(
+    port: Annotated[int, typer.Option(help="port to listen on")] = 5000,
+    host: Annotated[
+        str, typer.Option(help="interface to bind (0.0.0.0 opens the UI to the network)")
+    ] = "127.0.0.1",
+) -> None:
+    import os
+    import sys
+    from urllib.parse import urlparse
+
+    from ran.tracking import repo_root, tracking_uri
+
+    uri = tracking_uri()
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        print(f"MLflow UI is already at {uri} (MLFLOW_TRACKING_URI is a tracking server)")
+        return
+    args = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
+    args += ["--host", host, "--port", str(port), "--workers", "1"]
+    if scheme not in ("", "file"):
+        # A database store: experiments created in the UI keep their artifacts where those
+        # created by ran-cli and the DVC stages do (MLflow's default ./mlruns, at the root).
+        args += ["--default-artifact-root", (repo_root() / "mlruns").as_uri()]
+    # MLflow's job runner (GenAI judges, scheduled tasks) is eight more processes this
+    # project never uses; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true brings it back.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    print(f"MLflow UI: http://{host}:{port} (store {uri}; Ctrl-C stops it)", flush=True)
+    os.execve(sys.executable, args, env)
 
 
 if __name__ == "__main__":

@@ -83,13 +83,16 @@ def parse(model: type[Model], values: dict, where: str) -> Model:
 
 def load_section(section: str, model: type[Model], path: Path = PARAMS_FILE) -> Model:
     """One section of ``params.yaml``, validated."""
+    return parse(model, _read_params(path).get(section) or {}, section)
+
+
+def _read_params(path: Path) -> dict:
     if not path.is_file():
         raise RanError(f"{path} not found; run from the repository root")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RanError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    return parse(model, values.get(section) or {}, section)
 
 
 def with_source_override(params: IngestParams) -> IngestParams:
@@ -101,3 +104,108 @@ def with_source_override(params: IngestParams) -> IngestParams:
 def cache_dir() -> Path:
     """Where downloads and derived tables are kept between runs (``RAN_CACHE``, ~/.cache/ran)."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ran")
+
+
+Family = Literal["attention", "resnet"]
+Schedule = Literal["step", "cosine", "onecycle"]
+PROFILES = ("paper", "quick")
+
+
+class TrainParams(_Params):
+    """How a network is trained: the paper's recipe by default (``profile: paper``).
+
+    ``iterations`` and ``milestones`` left unset follow the data, as the paper states them:
+    CIFAR 160k iterations with the learning rate divided by 10 at 64k and 96k; ImageNet 530k,
+    divided at 200k, 400k and 500k.
+    """
+
+    family: Family = Field("attention", description="network family: attention | resnet")
+    depth: int = Field(92, ge=1, description="network depth (e.g. 56, 92; resnet: 164)")
+    attention: Literal["mixed", "channel", "spatial"] = Field(
+        "mixed", description="attention function: mixed | channel | spatial"
+    )
+    learning: Literal["arl", "nal"] = Field(
+        "arl", description="arl: attention residual learning (1+M)*T | nal: naive M*T"
+    )
+    mask: Literal["encoder-decoder", "local"] = Field(
+        "encoder-decoder", description="mask branch: encoder-decoder | local convolutions"
+    )
+    width: float = Field(1.0, gt=0, le=4, description="multiplier on every layer's width")
+    iterations: int | None = Field(
+        None, ge=1, description="optimizer steps in all; unset: the paper's for the data"
+    )
+    batch_size: int = Field(64, ge=1, description="images per step (all processes together)")
+    lr: float = Field(0.1, gt=0, description="peak learning rate")
+    schedule: Schedule = Field(
+        "step", description="step (÷10 at milestones) | cosine (with warm-up) | onecycle"
+    )
+    milestones: list[int] | None = Field(
+        None, description="step schedule: iterations where lr is divided by 10"
+    )
+    warmup: int = Field(0, ge=0, description="cosine: linear warm-up iterations")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (Nesterov) | adamw")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum / AdamW beta1")
+    nesterov: bool = Field(True, description="Nesterov momentum for SGD")
+    weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing (0: off)")
+    mixup: float = Field(0.0, ge=0, description="mixup Beta(a, a) parameter a (0: off)")
+    random_erasing: float = Field(
+        0.0, ge=0, le=1, description="probability of random erasing per image (0: off)"
+    )
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda[:N]"
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that have it, else fp16 (+grad scaler); fp32 on CPU"
+    )
+    channels_last: bool = Field(True, description="channels-last memory format")
+    compile: bool = Field(False, description="torch.compile the model")
+    holdout: int = Field(
+        0, ge=0, description="train records held out (equal per class) for model selection"
+    )
+    eval_every: int = Field(1000, ge=1, description="iterations between held-out evaluations")
+    checkpoint_every: int = Field(1000, ge=1, description="iterations between checkpoints")
+    log_every: int = Field(50, ge=1, description="iterations between logged metrics")
+    num_workers: int = Field(2, ge=1, description="FFCV loader threads")
+    seed: int = Field(0, description="seeds weights, order, augmentation and hold-out")
+    register_model: bool = Field(True, description="register the model in MLflow's registry")
+
+
+class EvaluateParams(_Params):
+    """How a trained model is scored on the test split (``val.beton``)."""
+
+    image_size: int | None = Field(
+        None, ge=8, description="test-time side (px); unset: the training size (paper: 320)"
+    )
+    flip: bool = Field(False, description="average the predictions of the image and its mirror")
+    batch_size: int = Field(256, ge=1, description="images per forward pass")
+    masks: int = Field(8, ge=0, description="test images whose attention masks are drawn")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda[:N]"
+    )
+    num_workers: int = Field(2, ge=1, description="FFCV loader threads")
+
+
+def resolve_profile(profile: str, has_gpu: bool) -> str:
+    """``auto`` becomes ``paper`` on a machine with a GPU and ``quick`` without one."""
+    if profile == "auto":
+        return "paper" if has_gpu else "quick"
+    if profile not in PROFILES:
+        raise RanError(f"unknown profile {profile!r}; valid profiles: auto, {', '.join(PROFILES)}")
+    return profile
+
+
+def profile_values(section: str, profile: str, path: Path = PARAMS_FILE) -> dict:
+    """The quick profile's overlay of ``section`` (``params.yaml``'s ``quick.<section>``);
+    nothing for the paper profile."""
+    if profile != "quick":
+        return {}
+    return dict((_read_params(path).get("quick") or {}).get(section) or {})
+
+
+def profiled_section(
+    section: str, model: type[Model], profile: str, path: Path = PARAMS_FILE
+) -> Model:
+    """``params.yaml``'s ``section``, with the profile's overlay laid over it."""
+    values = dict(_read_params(path).get(section) or {})
+    return parse(model, {**values, **profile_values(section, profile, path)}, section)

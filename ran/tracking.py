@@ -57,28 +57,81 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-@contextmanager
-def stage_run(stage: str, experiment: str, params: Mapping[str, Any]) -> Iterator[Any]:
-    """A run named after the stage, tagged with git commit and DVC stage/experiment.
-
-    An exception inside the block ends the run as FAILED (MLflow's own behaviour).
-    """
-    import mlflow
-
+def _quiet_mlflow() -> None:
     for chatty in ("mlflow.store.db.utils", "mlflow.tracking.fluent", "alembic"):
         logging.getLogger(chatty).setLevel(logging.WARNING)  # keep stderr for real problems
+
+
+@contextmanager
+def stage_run(
+    stage: str,
+    experiment: str,
+    params: Mapping[str, Any],
+    *,
+    run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[Any]:
+    """A run named after the stage, tagged with git commit and DVC stage/experiment.
+
+    ``run_id`` continues that run (``train --resume``) instead of starting a new one; its
+    params were logged when it started and are not logged again (MLflow refuses changed
+    values). ``tags`` are added to the run's tags. An exception inside the block ends the
+    run as FAILED (MLflow's own behaviour).
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from ran.errors import RanError
+
+    _quiet_mlflow()
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(experiment)
     root = repo_root()
-    tags = {
+    run_tags = {
         "stage": stage,
         "git_commit": _git_commit(root),
         "dvc.stage": os.environ.get("DVC_STAGE"),
         "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
+        **(tags or {}),
     }
-    with mlflow.start_run(run_name=stage, tags={k: v for k, v in tags.items() if v}) as run:
-        mlflow.log_params(flatten(params))
+    run_tags = {k: v for k, v in run_tags.items() if v}
+    if run_id is None:
+        with mlflow.start_run(run_name=stage, tags=run_tags) as run:
+            mlflow.log_params(flatten(params))
+            yield run
+        return
+    try:
+        run = mlflow.start_run(run_id=run_id, tags=run_tags)
+    except MlflowException as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RanError(
+            f"cannot continue MLflow run {run_id} in {tracking_uri()}: {first} (set "
+            "MLFLOW_TRACKING_URI to the store and mlflow.experiment to the experiment it "
+            "was started in)"
+        ) from None
+    with run:
         yield run
+
+
+def end_killed_run(run_id: str | None) -> None:
+    """End run ``run_id`` as KILLED if it is still RUNNING (its process was killed).
+
+    Stages call it with :attr:`ran.outputs.OutputClaim.previous_run_id`; an unknown run (a
+    different tracking store, a deleted run) is left alone.
+    """
+    if not run_id:
+        return
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    _quiet_mlflow()
+    client = MlflowClient(tracking_uri())
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return
+    if run.info.status == "RUNNING":
+        client.set_terminated(run_id, "KILLED")
 
 
 def log_file_dataset(path: Path, name: str, digest: str, context: str) -> None:

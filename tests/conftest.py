@@ -103,3 +103,18 @@ def write_cifar_python(target: Path, dataset: str, per_class: int, seed: int = 0
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(root, arcname=folder)
     return archive
+
+
+@pytest.fixture(scope="session")
+def small_ingest(cifar10_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``cifar10_small`` (real images, 200 train / 50 test) ingested once, read-only."""
+    from ran.config import IngestParams
+    from ran.data.ingest import ingest
+
+    out = tmp_path_factory.mktemp("small-ingest") / "ingest"
+    ingest(IngestParams(dataset="cifar10", source=cifar10_small), out)
+    return out
+
+
+# A network small enough to take a few steps in seconds on 2 cores: width-0.25 Attention-56.
+TINY_TRAIN = ["--depth", "56", "--width", "0.25", "--batch-size", "20", "--device", "cpu"]

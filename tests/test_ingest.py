@@ -214,3 +214,25 @@ def test_large_raw_images_get_pages_that_fit(imagenet_tree: Path, tmp_path: Path
         signal.alarm(0)
     assert meta["splits"]["train"]["max_side"] == 1800
     assert meta["ffcv"]["page_size"] == WriteSettings.page_size_for(1800 * 1800) == 1 << 24
+
+
+@pytest.mark.slow
+def test_writer_shows_one_rich_bar_not_ffcvs_tqdm(
+    cifar10_small: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import ffcv.writer
+
+    from ran.data.beton import write_beton
+    from ran.data.sources import FileSplit
+
+    files = sorted(str(p.relative_to(cifar10_small)) for p in cifar10_small.glob("train/*/*"))
+    split = FileSplit(cifar10_small, files, np.zeros(len(files), dtype=np.int64))
+    tqdm = ffcv.writer.tqdm
+    capfd.readouterr()
+    settings = WriteSettings("raw", 500, 90, 0.5, seed=0)
+    write_beton(split, np.arange(len(files)), tmp_path / "train.beton", settings)
+    out, err = capfd.readouterr()
+    assert err == ""  # FFCV's tqdm bar went to stderr
+    assert out.count("writing train.beton") == 1 and "100%" in out
+    assert ffcv.writer.tqdm is tqdm  # put back after the write
+    assert len(read_records(tmp_path / "train.beton")["index"]) == 200

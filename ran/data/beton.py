@@ -29,6 +29,8 @@ from ran.errors import RanError
 
 FIELDS = ("image", "label", "index")
 IMAGENET_CROP_RATIO = 224 / 256
+IMAGENET_SIDE = 224
+SMALL_SIDE = 64  # data whose sides all fit (CIFAR, 32 px) trains at its stored side
 
 
 def import_ffcv() -> Any:
@@ -107,13 +109,23 @@ class _Records:
 def write_beton(
     split: Split, keep: np.ndarray, path: Path, settings: WriteSettings, workers: int = 1
 ) -> None:
-    """Write the records ``keep`` of ``split`` to ``path`` (FFCV shows a progress bar).
+    """Write the records ``keep`` of ``split`` to ``path``, with one rich progress bar.
 
     ``workers`` processes decode the source images; FFCV's writer itself runs one process.
+    FFCV's own tqdm bar is replaced, for this call, by the rich bar the rest of ingest uses
+    (it advances as FFCV reports written chunks of 1,000 records).
     """
     import_ffcv()
+    import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     fields = {
         "image": RGBImageField(
@@ -127,7 +139,27 @@ def write_beton(
     }
     writer = DatasetWriter(str(path), fields, page_size=settings.page_size, num_workers=1)
     records = _Records(split, keep, settings, workers)
-    with _WriterWatchdog(records) as watchdog:
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeRemainingColumn(elapsed_when_finished=True),
+    )  # rich.progress.track's
+    ffcv_tqdm = ffcv.writer.tqdm
+    with Progress(*columns) as progress, _WriterWatchdog(records) as watchdog:
+        task = progress.add_task(f"writing {path.name}", total=len(keep))
+
+        class _RichBar:  # what FFCV's writer calls tqdm: total=, update(n), close()
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                pass
+
+            def update(self, n: int = 1) -> None:
+                progress.advance(task, n)
+
+            def close(self) -> None:
+                pass
+
+        ffcv.writer.tqdm = _RichBar
         try:
             writer.from_indexed_dataset(records, chunksize=1000)
         except KeyboardInterrupt:
@@ -137,6 +169,8 @@ def write_beton(
                 f"writing {path.name} failed at {watchdog.failure} (traceback above); the "
                 "source changed after it was checked: fix it and run again"
             ) from None
+        finally:
+            ffcv.writer.tqdm = ffcv_tqdm
 
 
 class _WriterWatchdog:
@@ -194,7 +228,14 @@ class LoaderSpec:
     mean: tuple[float, float, float]  # 0–255 scale, from meta.json
     std: tuple[float, float, float]
     resolution: int  # output side; for small raw images (CIFAR) the stored side
-    small_images: bool  # True: pad-4 random crop + flip (CIFAR); False: random-resized crop
+    small_images: bool  # True: stored at their side (CIFAR); False: variable sizes (ImageNet)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], resolution: int | None = None) -> LoaderSpec:
+        """The spec of an ingest output: CIFAR-size data (every side ≤ 64) keeps its side."""
+        small = max(info["max_side"] for info in meta["splits"].values()) <= SMALL_SIDE
+        side = resolution or (meta["splits"]["train"]["max_side"] if small else IMAGENET_SIDE)
+        return cls(tuple(meta["mean"]), tuple(meta["std"]), side, small)
 
 
 def make_loader(
@@ -204,76 +245,55 @@ def make_loader(
     train: bool,
     num_workers: int = 2,
     device: str = "cpu",
-    distributed: bool = False,
-    seed: int = 0,
     indices: np.ndarray | None = None,
+    order: Any = None,
+    distributed: bool = False,
 ) -> Any:
-    """An FFCV loader yielding ``(images float NCHW, labels, indices)`` batches.
+    """An FFCV loader yielding ``(images uint8 N×3×H×W, labels, indices)`` batches.
 
-    Train: random order (seeded), augmentation, drop_last. Eval: sequential, every record.
-    On the CPU, normalisation runs right after decoding, before ``ToTensor`` (the order
-    FFCV 1.0.2 compiles without spinning); on CUDA it runs on the GPU in half precision,
-    as ffcv-imagenet does. Batches are channels-last in memory (NCHW shape).
+    Only decoding happens here: random augmentation and normalisation run on the batch
+    afterwards (:mod:`ran.train.augment`), seeded per record, because FFCV's own random
+    operations are not reproducible. Small images (CIFAR) come as stored; large ones as
+    the central square at 256/224 of ``spec.resolution`` for training (the random-resized
+    crop is cut from it) or ImageNet's centre crop (224/256 of the short side) for
+    evaluation. ``order`` is a :class:`ffcv.traversal_order.base.TraversalOrder` subclass
+    (training's seeded, sharded, resumable order); by default records come in sequence and
+    every one of them (no dropped last batch). On CUDA, images and labels move to the GPU
+    with ``non_blocking``; indices stay on the CPU, where augmentation reads them.
+    Images are channels-last in memory (NCHW shape).
     """
     import_ffcv()
     import torch
-    from ffcv.fields.decoders import (
-        CenterCropRGBImageDecoder,
-        IntDecoder,
-        RandomResizedCropRGBImageDecoder,
-        SimpleRGBImageDecoder,
-    )
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import (
-        NormalizeImage,
-        RandomHorizontalFlip,
-        RandomTranslate,
-        Squeeze,
-        ToDevice,
-        ToTensor,
-        ToTorchImage,
-    )
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
-    mean, std = np.array(spec.mean), np.array(spec.std)
-    size = (spec.resolution, spec.resolution)
     if spec.small_images:
         image = [SimpleRGBImageDecoder()]
-        if train:
-            fill = tuple(round(m) for m in spec.mean)
-            image += [RandomHorizontalFlip(), RandomTranslate(padding=4, fill=fill)]
     elif train:
-        image = [RandomResizedCropRGBImageDecoder(size), RandomHorizontalFlip()]
+        side = round(spec.resolution / IMAGENET_CROP_RATIO)
+        image = [CenterCropRGBImageDecoder((side, side), ratio=1.0)]
     else:
+        size = (spec.resolution, spec.resolution)
         image = [CenterCropRGBImageDecoder(size, ratio=IMAGENET_CROP_RATIO)]
-
     on_gpu = device.startswith("cuda")
-    if on_gpu:
-        target = torch.device(device)
-        image += [
-            ToTensor(),
-            ToDevice(target, non_blocking=True),
-            ToTorchImage(),
-            NormalizeImage(mean, std, np.float16),
-        ]
-    else:
-        image += [NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()]
-
-    def int_pipeline() -> list:
-        ops = [IntDecoder(), ToTensor(), Squeeze()]
-        return [*ops, ToDevice(torch.device(device), non_blocking=True)] if on_gpu else ops
+    to_device = [ToDevice(torch.device(device), non_blocking=True)] if on_gpu else []
+    image += [ToTensor(), *to_device, ToTorchImage(channels_last=True)]
+    label = [IntDecoder(), ToTensor(), Squeeze(), *to_device]
+    index = [IntDecoder(), ToTensor(), Squeeze()]
 
     threads = torch.get_num_threads()
     loader = Loader(
         str(path),
         batch_size=batch_size,
         num_workers=num_workers,
-        order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
-        drop_last=train,
+        order=order or OrderOption.SEQUENTIAL,
+        drop_last=order is not None,
         distributed=distributed,
-        seed=seed,
+        seed=0,
         indices=indices,
         os_cache=True,
-        pipelines={"image": image, "label": int_pipeline(), "index": int_pipeline()},
+        pipelines={"image": image, "label": label, "index": index},
     )
     return ThreadSafeLoader(loader, threads)
 

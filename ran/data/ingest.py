@@ -3,7 +3,8 @@ and the validation result, all or nothing.
 
 Everything is written into a temporary folder beside the target and renamed into place at
 the end, so a failure (bad image, failed expectation, Ctrl-C) never leaves half an output
-for DVC or a later stage to pick up.
+for DVC or a later stage to pick up. ``kill -9`` cannot be caught: the temporary folder it
+leaves is removed by the next tracked run into the same output (:mod:`ran.outputs`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ran.data.beton import (
 from ran.data.scan import ScanResult, scan_split
 from ran.data.sources import SourceData, read_source, sha256_file
 from ran.errors import RanError
+from ran.outputs import OutputClaim, claim_output
 
 SPLITS = ("train", "val")
 OUTPUTS = ("train.beton", "val.beton", "meta.json", "manifest.parquet", "validation.json")
@@ -226,12 +228,28 @@ def ingest(params: IngestParams, out: Path) -> dict[str, Any]:
 
 
 def tracked_ingest(params: IngestParams, out: Path, experiment: str) -> dict[str, Any]:
-    """:func:`ingest` inside an MLflow run: params, counts, statistics, validation, datasets."""
+    """:func:`ingest` inside an MLflow run: params, counts, statistics, validation, datasets.
+
+    The run holds ``out`` (:func:`ran.outputs.claim_output`): a second run into it is an
+    error naming this one's pid; a killed earlier run's leftovers are removed first and its
+    MLflow run, still RUNNING, is ended as KILLED.
+    """
+    with claim_output(out) as claim:
+        return _tracked_ingest(params, out, experiment, claim)
+
+
+def _tracked_ingest(
+    params: IngestParams, out: Path, experiment: str, claim: OutputClaim
+) -> dict[str, Any]:
     import mlflow
 
-    from ran.tracking import log_file_dataset, stage_run
+    from ran.tracking import end_killed_run, log_file_dataset, stage_run
 
-    with stage_run("ingest", experiment, {**params.model_dump(mode="json"), "out": str(out)}):
+    end_killed_run(claim.previous_run_id)
+    with stage_run(
+        "ingest", experiment, {**params.model_dump(mode="json"), "out": str(out)}
+    ) as run:
+        claim.record_run(run.info.run_id)
         try:
             meta = ingest(params, out)
         except ValidationFailed as exc:

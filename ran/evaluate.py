@@ -1,0 +1,248 @@
+"""Evaluation: a trained ``model.pt`` on the test split (``val.beton``), every record.
+
+Writes, all or nothing (a temporary sibling folder renamed at the end):
+
+- ``metrics.json``: top-1/top-5 accuracy (fractions) and error (%, as the paper states it);
+- ``per_class.json``: accuracy of every class;
+- ``confusion.json`` + ``confusion.png``: the confusion matrix, and ``predictions.csv`` (one
+  row per test record: actual and predicted class) for DVC's confusion-matrix plot;
+- ``masks/``: for a fixed handful of test images, the input beside each attention module's
+  mask (``forward(x, return_masks=True)``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ran.config import EvaluateParams
+from ran.data.beton import LoaderSpec, make_loader
+from ran.errors import RanError
+
+OUTPUTS = ("metrics.json", "per_class.json", "confusion.json", "confusion.png", "predictions.csv")
+
+
+def predict(
+    model: torch.nn.Module,
+    loader: Any,
+    spec: LoaderSpec,
+    dtype: torch.dtype | None = None,
+    flip: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(logits, labels, indices)`` per batch; ``flip`` averages the softmax of each image
+    and its mirror (returned as log-probabilities, so argmax and top-k stay meaningful)."""
+    from ran.train.loop import normalize
+
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    with torch.inference_mode(), autocast:
+        for images, labels, index in loader:
+            x = normalize(images.to(device, non_blocking=True), spec)
+            x = x.contiguous(memory_format=torch.channels_last)
+            logits = model(x).float()
+            if flip:
+                probs = (logits.softmax(1) + model(x.flip(3)).float().softmax(1)) / 2
+                logits = probs.log()
+            yield logits, labels, index
+
+
+def _confusion_png(matrix: np.ndarray, classes: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(classes)
+    size = min(4 + k * 0.35, 24)
+    fig, ax = plt.subplots(figsize=(size, size))
+    rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    if k <= 20:
+        ax.set_xticks(range(k), classes, rotation=90)
+        ax.set_yticks(range(k), classes)
+        for i in range(k):
+            for j in range(k):
+                colour = "white" if rates[i, j] > 0.5 else "black"
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color=colour, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title("confusion matrix (test split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _mask_figures(
+    model: torch.nn.Module, images: torch.Tensor, spec: LoaderSpec, folder: Path
+) -> list[Path]:
+    """One PNG per image: the input, then each module's mask (mean over channels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ran.train.loop import normalize
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        _, masks = model(normalize(images.to(device), spec), return_masks=True)
+    if not masks:
+        return []
+    folder.mkdir()
+    paths = []
+    for n in range(len(images)):
+        fig, axes = plt.subplots(1, len(masks) + 1, figsize=(2 * (len(masks) + 1), 2.2))
+        axes[0].imshow(images[n].permute(1, 2, 0).cpu().numpy())
+        axes[0].set_title("input", fontsize=8)
+        for m, (ax, mask) in enumerate(zip(axes[1:], masks, strict=True), start=1):
+            ax.imshow(mask[n].float().mean(0).cpu().numpy(), cmap="viridis")
+            ax.set_title(f"module {m}", fontsize=8)
+        for ax in axes:
+            ax.axis("off")
+        fig.tight_layout()
+        path = folder / f"test-{n:02d}.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _first_images(data: Path, spec: LoaderSpec, count: int) -> torch.Tensor:
+    """The first ``count`` test images (uint8), the fixed handful whose masks are drawn."""
+    loader = make_loader(data / "val.beton", spec, count, train=False, indices=np.arange(count))
+    images, _, _ = next(iter(loader))
+    return images
+
+
+def evaluate(model_path: Path, data: Path, out: Path, params: EvaluateParams) -> dict[str, Any]:
+    """Score ``model_path`` on ``data/val.beton`` into ``out``; returns ``metrics.json``."""
+    from ran.data.ingest import _make_tmp_dir, _replace_dir
+    from ran.train.checkpoint import load_model
+    from ran.train.distributed import pick_device
+    from ran.train.loop import read_meta
+
+    model, record = load_model(model_path)
+    meta = read_meta(data)
+    if meta["num_classes"] != record["arch"]["num_classes"] or meta["classes"] != record["classes"]:
+        raise RanError(
+            f"{model_path} was trained on {record['dataset']} ({record['arch']['num_classes']} "
+            f"classes), but {data} holds {meta['dataset']} ({meta['num_classes']}); evaluate it "
+            "on the data it was trained on"
+        )
+    device = pick_device(params.device)
+    model = model.to(device, memory_format=torch.channels_last)
+    spec = LoaderSpec(
+        tuple(record["mean"]),
+        tuple(record["std"]),
+        params.image_size or record["input_size"],
+        record["small_images"],
+    )
+    if spec.small_images and params.image_size not in (None, record["input_size"]):
+        raise RanError(
+            f"--image-size {params.image_size}: CIFAR-size data is evaluated at its stored "
+            f"side ({record['input_size']} px); the test size applies to ImageNet-size data"
+        )
+    loader = make_loader(
+        data / "val.beton",
+        spec,
+        params.batch_size,
+        train=False,
+        num_workers=params.num_workers,
+        device=str(device),
+    )
+    k = meta["num_classes"]
+    top1 = top5 = total = 0
+    matrix = np.zeros((k, k), dtype=np.int64)
+    predictions = []
+    for logits, labels, index in predict(model, loader, spec, flip=params.flip):
+        labels = labels.to(logits.device)
+        best = logits.topk(min(5, k), dim=1).indices
+        top1 += int((best[:, 0] == labels).sum())
+        top5 += int((best == labels[:, None]).any(1).sum())
+        total += len(labels)
+        actual, predicted = labels.cpu().numpy(), best[:, 0].cpu().numpy()
+        np.add.at(matrix, (actual, predicted), 1)
+        predictions += zip(index.numpy().tolist(), actual.tolist(), predicted.tolist(), strict=True)
+    expected = meta["splits"]["val"]["count"]
+    if total != expected:
+        raise RanError(f"evaluated {total} test records, expected {expected}: {data} is damaged")
+    classes = meta["classes"]
+    per_class = {
+        name: float(matrix[i, i] / max(matrix[i].sum(), 1)) for i, name in enumerate(classes)
+    }
+    metrics = {
+        "top1_accuracy": top1 / total,
+        "top5_accuracy": top5 / total,
+        "top1_error_pct": 100 * (1 - top1 / total),
+        "top5_error_pct": 100 * (1 - top5 / total),
+        "test_records": total,
+        "image_size": spec.resolution,
+        "flip": params.flip,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _make_tmp_dir(out, "tmp")
+    try:
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (tmp / "per_class.json").write_text(json.dumps(per_class, indent=2) + "\n")
+        confusion = {"classes": classes, "matrix": matrix.tolist()}
+        (tmp / "confusion.json").write_text(json.dumps(confusion) + "\n")
+        _confusion_png(matrix, classes, tmp / "confusion.png")
+        with open(tmp / "predictions.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", "actual", "predicted"])
+            for index, actual, predicted in predictions:
+                writer.writerow([index, classes[actual], classes[predicted]])
+        if params.masks:
+            _mask_figures(model, _first_images(data, spec, params.masks), spec, tmp / "masks")
+        _replace_dir(tmp, out)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return metrics
+
+
+def tracked_evaluate(
+    model_path: Path,
+    data: Path,
+    out: Path,
+    params: EvaluateParams,
+    experiment: str,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate` inside an MLflow run linked to the run that trained the model."""
+    import mlflow
+
+    from ran.outputs import claim_output
+    from ran.tracking import end_killed_run, stage_run
+    from ran.train.checkpoint import load
+
+    record = load(model_path, "model file", "pass the model.pt written by `ran-cli train`")
+    train_run = record.get("run_id")
+    link = {"train_run_id": train_run} if train_run else {}
+    logged = {**params.model_dump(mode="json"), "model": str(model_path), "data": str(data)}
+    with claim_output(out) as claim:
+        end_killed_run(claim.previous_run_id)
+        with stage_run("evaluate", experiment, logged, tags={**(tags or {}), **link}) as run:
+            claim.record_run(run.info.run_id)
+            if train_run:
+                uri = mlflow.get_tracking_uri()
+                mlflow.set_tag(
+                    "mlflow.note.content",
+                    f"Evaluates the model of training run `{train_run}` "
+                    f"(#/experiments/{run.info.experiment_id}/runs/{train_run}); store {uri}",
+                )
+            metrics = evaluate(model_path, data, out, params)
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "flip"})
+            for name in OUTPUTS:
+                mlflow.log_artifact(str(out / name))
+            if (out / "masks").is_dir():
+                mlflow.log_artifacts(str(out / "masks"), "masks")
+    return metrics

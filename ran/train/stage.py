@@ -1,0 +1,288 @@
+"""The training stage around :class:`~ran.train.loop.Trainer`: the output folder's lock, the
+resume decision, the MLflow run, the progress bar, checkpoints and the final model.
+
+Only the main process (rank 0) writes files and talks to MLflow; the others train.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ran.config import TrainParams
+from ran.train import checkpoint, distributed
+from ran.train.loop import Trainer
+
+Resume = Literal["no", "yes", "auto"]
+CURVES = "curves.csv"
+HOLDOUT = "holdout.csv"
+SUMMARY = "summary.json"
+
+
+def model_record(trainer: Trainer, run_id: str) -> dict[str, Any]:
+    """``model.pt``: weights plus what rebuilds and feeds the network (see checkpoint.py)."""
+    return {
+        "format": checkpoint.FORMAT,
+        "arch": trainer.arch,
+        "state_dict": trainer.model.state_dict(),
+        "classes": trainer.meta["classes"],
+        "dataset": trainer.meta["dataset"],
+        "mean": list(trainer.spec.mean),
+        "std": list(trainer.spec.std),
+        "input_size": trainer.spec.resolution,
+        "small_images": trainer.spec.small_images,
+        "iteration": trainer.progress.iteration,
+        "run_id": run_id,
+    }
+
+
+def _write_csv(path: Path, rows: list[dict[str, float]]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["iteration"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    from ran.outputs import atomic_write
+
+    atomic_write(path, write)
+
+
+class _Hooks:
+    """What the loop does besides training, on the main process: MLflow metrics, the progress
+    bar, checkpoints, the best held-out model."""
+
+    def __init__(self, trainer: Trainer, run_id: str, bar: Any, task: Any) -> None:
+        self.trainer, self.run_id, self.bar, self.task = trainer, run_id, bar, task
+
+    def log(self, row: dict[str, float]) -> None:
+        import mlflow
+
+        metrics = {k: v for k, v in row.items() if k != "iteration"}
+        mlflow.log_metrics(metrics, step=int(row["iteration"]))
+        self.bar.update(
+            self.task,
+            loss=row["loss"],
+            acc=row["train_accuracy"],
+            lr=row["lr"],
+            ips=row["images_per_s"],
+        )
+
+    def holdout(self, iteration: int, score: float, improved: bool) -> None:
+        import mlflow
+
+        mlflow.log_metric("holdout_accuracy", score, step=iteration)
+        if improved:
+            trainer = self.trainer
+            checkpoint.save(trainer.out / checkpoint.BEST, model_record(trainer, self.run_id))
+
+    def checkpoint(self) -> None:
+        trainer = self.trainer
+        checkpoint.save(trainer.out / checkpoint.LAST, trainer.state_dict(self.run_id))
+        _write_csv(trainer.out / CURVES, trainer.progress.curves)
+        if trainer.progress.holdout:
+            _write_csv(trainer.out / HOLDOUT, trainer.progress.holdout)
+
+    def advance(self, iteration: int) -> None:
+        self.bar.update(self.task, completed=iteration)
+
+
+class _Silent:
+    """The hooks of the other processes under DDP: they train, nothing else."""
+
+    def log(self, row: dict[str, float]) -> None: ...
+    def holdout(self, iteration: int, score: float, improved: bool) -> None: ...
+    def checkpoint(self) -> None: ...
+    def advance(self, iteration: int) -> None: ...
+
+
+def _progress_bar() -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(
+            "loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f} lr {task.fields[lr]:.3g} "
+            "{task.fields[ips]:.0f} img/s"
+        ),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+
+
+def _resume_state(trainer: Trainer, resume: Resume) -> dict[str, Any] | None:
+    """The checkpoint to continue from. ``yes``: it must exist and match; ``auto`` (the DVC
+    stage): an unfinished checkpoint of the same settings, else a fresh start."""
+    path = trainer.out / checkpoint.LAST
+    if resume == "no" or (resume == "auto" and not path.is_file()):
+        return None
+    state = checkpoint.load(path, "checkpoint", "start afresh without --resume")
+    if resume == "auto":
+        progress = state.get("progress", {})
+        same = state.get("arch") == trainer.arch and state.get("fingerprint") == trainer.fingerprint
+        if not same or progress.get("iteration", 0) >= trainer.recipe.iterations:
+            return None
+    return state
+
+
+def _log_inputs(trainer: Trainer) -> None:
+    from ran.tracking import log_file_dataset
+
+    train = trainer.meta["splits"]["train"]
+    log_file_dataset(
+        trainer.data / "train.beton", f"{trainer.meta['dataset']}-train", train["sha256"], "train"
+    )
+    if trainer.labels_path is not None:
+        digest = trainer.fingerprint["labels_sha256"]
+        log_file_dataset(trainer.labels_path, "labels", digest, "labels")
+
+
+def registered_name(trainer: Trainer) -> str:
+    """The registry name: one per dataset and network (``cifar10-attention92``)."""
+    return f"{trainer.meta['dataset']}-{trainer.params.family}{trainer.params.depth}"
+
+
+def _log_model(trainer: Trainer, register: bool) -> None:
+    """The final network as an MLflow PyTorch model in the ``pt2`` format (``torch.export``),
+    which loads without unpickling, with a signature and an input example."""
+    import mlflow
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    model = trainer.model.to("cpu", memory_format=torch.contiguous_format).eval()
+    side = trainer.spec.resolution
+    example = np.zeros((2, 3, side, side), dtype=np.float32)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    mlflow.pytorch.log_model(
+        model,
+        name="model",
+        serialization_format="pt2",
+        signature=infer_signature(example, output),
+        input_example=example,
+        registered_model_name=registered_name(trainer) if register else None,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )
+    model.to(trainer.ctx.device)
+
+
+def train_model(
+    params: TrainParams,
+    data: Path,
+    out: Path,
+    experiment: str,
+    labels: Path | None = None,
+    resume: Resume = "no",
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Train into ``out``: ``checkpoint-last.pt``, ``model.pt`` (+ ``model-best.pt`` with a
+    hold-out), ``curves.csv``, ``summary.json``; one MLflow run; returns the summary."""
+    context = distributed.setup(params.device)
+    try:
+        trainer = Trainer(params, data, out, context, labels)
+        if context.main:
+            out.mkdir(parents=True, exist_ok=True)
+        distributed.barrier(context)
+        if context.main:
+            return _main_process(trainer, experiment, resume, tags)
+        trainer.build()
+        state = _resume_state(trainer, resume)
+        if state:
+            trainer.load_state_dict(state, out / checkpoint.LAST)
+        trainer.run(_Silent())
+        distributed.barrier(context)
+        return {}
+    finally:
+        distributed.teardown(context)
+
+
+def _main_process(
+    trainer: Trainer, experiment: str, resume: Resume, tags: dict[str, str] | None
+) -> dict[str, Any]:
+    import mlflow
+
+    from ran.outputs import claim_output
+    from ran.tracking import end_killed_run, stage_run
+
+    with claim_output(trainer.out) as claim:
+        trainer.build()
+        state = _resume_state(trainer, resume)
+        if state:
+            trainer.load_state_dict(state, trainer.out / checkpoint.LAST)
+        run_id = state.get("run_id") if state else None
+        if claim.previous_run_id != run_id:
+            end_killed_run(claim.previous_run_id)
+        logged = {
+            **trainer.params.model_dump(mode="json"),
+            "data": str(trainer.data),
+            "labels": str(trainer.labels_path) if trainer.labels_path else None,
+            "variant": trainer.variant.name,
+            "resolved_iterations": trainer.recipe.iterations,
+            "resolved_milestones": trainer.recipe.milestones,
+            "num_classes": trainer.meta["num_classes"],
+            "world_size": trainer.ctx.world,
+            "device_type": trainer.ctx.device.type,
+            "autocast": str(trainer.dtype).replace("torch.", "") if trainer.dtype else "fp32",
+        }
+        mlflow.enable_system_metrics_logging()
+        with stage_run("train", experiment, logged, run_id=run_id, tags=tags) as run:
+            claim.record_run(run.info.run_id)
+            if state is None:
+                _log_inputs(trainer)
+            bar = _progress_bar()
+            with bar:
+                task = bar.add_task(
+                    "train",
+                    total=trainer.recipe.iterations,
+                    completed=trainer.progress.iteration,
+                    loss=float("nan"),
+                    acc=float("nan"),
+                    lr=trainer.schedule.get_last_lr()[0],
+                    ips=0.0,
+                )
+                trainer.run(_Hooks(trainer, run.info.run_id, bar, task))
+            distributed.barrier(trainer.ctx)
+            checkpoint.save(trainer.out / checkpoint.MODEL, model_record(trainer, run.info.run_id))
+            summary = _summary(trainer, run.info.run_id)
+            from ran.outputs import atomic_write
+
+            atomic_write(
+                trainer.out / SUMMARY,
+                lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"),
+            )
+            mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
+            for name in (CURVES, HOLDOUT, SUMMARY):
+                if (trainer.out / name).is_file():
+                    mlflow.log_artifact(str(trainer.out / name))
+            _log_model(trainer, trainer.params.register_model)
+        return summary
+
+
+def _summary(trainer: Trainer, run_id: str) -> dict[str, Any]:
+    prog = trainer.progress
+    last = prog.curves[-1] if prog.curves else {}
+    summary: dict[str, Any] = {
+        "run_id": run_id,
+        "variant": trainer.variant.name,
+        "iterations": prog.iteration,
+        "epochs": float(prog.iteration * trainer.params.batch_size / len(trainer.train_indices)),
+        "final_loss": float(last.get("loss", float("nan"))),
+        "final_train_accuracy": float(last.get("train_accuracy", float("nan"))),
+    }
+    if prog.best_iteration >= 0:
+        summary |= {"best_holdout_accuracy": prog.best_score, "best_iteration": prog.best_iteration}
+    return summary

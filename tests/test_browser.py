@@ -1,0 +1,182 @@
+"""The MLflow UI as a user opens it: ``ran-cli ui`` on a store holding a training run, looked
+at in a real headless Chromium (Debian's ``chromium`` driven by Playwright; set-up installs
+both), and ``ran-cli ui`` when the tracking URI is already a server.
+
+The training run comes from the ``training_run`` fixture. STAND-IN: until the training stage
+can be used here it logs, with mlflow directly, what ``ran.train.train_model`` logs and the
+page shows: a run named "train", ``loss`` / ``train_accuracy`` at several steps, and a small
+torch network as the logged model ``model`` registered as ``cifar10-attention56``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import TINY_TRAIN
+
+BIN = Path(sys.executable).parent
+CHROMIUM = Path(os.environ.get("RAN_CHROMIUM", "/usr/bin/chromium"))
+# Known to work as root on the project's machines; Playwright adds --headless and a fresh
+# --user-data-dir itself.
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+EXPERIMENT = "residual-attention"
+REGISTERED = "cifar10-attention56"
+SCREENSHOT = Path("/tmp/mlflow-ui-run.png")  # a copy to look at after the run
+TIMEOUT_MS = 60_000  # the UI's first load takes ~10 s on 2 busy cores
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _serving(args: list[str], url: str, log: Path, cwd: Path | None = None) -> Iterator[str]:
+    """Run ``args`` (a server and its children, in their own process group) until ``url``
+    answers /health; stop the whole group afterwards."""
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"{args[:3]} did not serve {url}:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(server.pid, sig)
+                server.wait(timeout=wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+@pytest.fixture
+def training_run(small_ingest: Path, tmp_path: Path):
+    """A tiny real training run: ``ran-cli train`` (ran.train.train_model), 4 steps of a
+    width-0.25 Attention-56 on 200 real CIFAR-10 images, metrics at every step. Logged to
+    MLFLOW_TRACKING_URI (conftest: tmp_path/mlflow.db) from tmp_path, so its artifacts lie
+    in tmp_path/mlruns, MLflow's default ./mlruns as from the repository root."""
+    from mlflow import MlflowClient
+
+    args = [str(BIN / "ran-cli"), "train", "--data", str(small_ingest)]
+    args += ["--out", str(tmp_path / "train"), *TINY_TRAIN, "--iterations", "4", "--log-every", "1"]
+    result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'train'")
+    return run
+
+
+@pytest.fixture
+def mlflow_ui(training_run, tmp_path: Path) -> Iterator[str]:
+    """``ran-cli ui`` on a free port, started where the run was logged (tmp_path)."""
+    port = _free_port()
+    args = [str(BIN / "ran-cli"), "ui", "--port", str(port)]
+    with _serving(args, f"http://127.0.0.1:{port}", tmp_path / "ui.log", cwd=tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """A real ``mlflow server`` on loopback."""
+    port = _free_port()
+    args = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
+    args += ["--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
+    args += ["--artifacts-destination", str(tmp_path / "artifacts")]
+    with _serving(args, f"http://127.0.0.1:{port}", tmp_path / "server.log") as url:
+        yield url
+
+
+def _as_shown(value: float) -> str:
+    """A metric value as the UI prints it (JavaScript's number formatting: 2, not 2.0)."""
+    return repr(float(value)).removesuffix(".0")
+
+
+@pytest.mark.slow
+def test_ui_shows_the_training_run(mlflow_ui: str, training_run, tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=TIMEOUT_MS)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1400})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(mlflow_ui)
+            # MLflow 3 opens in its GenAI mode; training runs are under "Model training".
+            page.get_by_role("button", name="Model training").click()
+            page.get_by_role("link", name=EXPERIMENT, exact=True).first.click()
+            main = page.get_by_role("main")
+            main.get_by_role("link", name="train", exact=True).click()
+
+            expect(main.get_by_role("heading", name="train", exact=True)).to_be_visible()
+            assert training_run.info.run_id in page.url
+            for name in ("loss", "train_accuracy"):
+                cell = page.get_by_role("cell", name=name, exact=True)
+                row = main.get_by_role("row").filter(has=cell)
+                expect(row).to_contain_text(_as_shown(training_run.data.metrics[name]))
+            expect(main.get_by_role("heading", name="Logged models (1)")).to_be_visible()
+            model_link = main.get_by_role("link", name="model", exact=True).first
+            experiment_id = training_run.info.experiment_id
+            expect(model_link).to_have_attribute("href", re.compile(rf"/{experiment_id}/models/m-"))
+            expect(main.get_by_role("link", name=REGISTERED).first).to_be_visible()
+
+            assistant = page.get_by_role("button", name="Close")  # the side panel, for the picture
+            if assistant.count():
+                assistant.last.click()
+            page.screenshot(path=tmp_path / "run.png")
+            shutil.copy(tmp_path / "run.png", SCREENSHOT)
+
+            # The logged model's files come from the artifact store (./mlruns) through the UI.
+            main.get_by_role("tab", name="Artifacts").click()
+            expect(main.get_by_text("MLmodel", exact=True)).to_be_visible()
+            page.screenshot(path=tmp_path / "artifacts.png")
+        finally:
+            browser.close()
+
+
+def test_ui_names_a_tracking_server(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    result = subprocess.run(
+        [str(BIN / "ran-cli"), "ui"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.strip().splitlines()
+    assert line.startswith(f"MLflow UI is already at {mlflow_server} ")
+    with urllib.request.urlopen(mlflow_server, timeout=30) as response:
+        assert b"<title>MLflow</title>" in response.read()

@@ -1,0 +1,242 @@
+"""Training and evaluation on real CIFAR-10 images, as a user runs them: ``ran-cli train``,
+``ran-cli evaluate``, a ``kill -9`` and ``--resume``, bad input, and the MLflow record."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_TRAIN
+
+CLI = [sys.executable, "-m", "ran.cli"]
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def _runs(name: str) -> list:
+    client = _client()
+    experiment = client.get_experiment_by_name("residual-attention")
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], order_by=["start_time ASC"])
+    return [r for r in runs if r.info.run_name == name]
+
+
+def test_train_then_evaluate(small_ingest: Path, tmp_path: Path) -> None:
+    out, scored = tmp_path / "train", tmp_path / "eval"
+    args = ["train", "--data", small_ingest, "--out", out, *TINY_TRAIN, "--iterations", "8"]
+    _cli(*args, "--holdout", "50", "--eval-every", "4", "--log-every", "2")
+    assert {p.name for p in out.iterdir()} >= {
+        "checkpoint-last.pt", "model.pt", "model-best.pt", "curves.csv", "holdout.csv",
+        "summary.json",
+    }  # fmt: skip
+    record = torch.load(out / "model.pt", weights_only=True)
+    assert record["arch"]["variant"] == "attention56-cifar" and record["arch"]["num_classes"] == 10
+    assert record["classes"][0] == "airplane" and record["input_size"] == 32
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 8 and 0 <= summary["best_holdout_accuracy"] <= 1
+
+    (run,) = _runs("train")
+    assert run.info.status == "FINISHED" and run.info.run_id == summary["run_id"]
+    assert run.data.params["depth"] == "56" and run.data.params["variant"] == "attention56-cifar"
+    history = _client().get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [2, 4, 6, 8]
+    assert {"train_accuracy", "lr", "images_per_s", "holdout_accuracy"} <= set(run.data.metrics)
+    assert any(k.startswith("system/") for k in run.data.metrics)  # system metrics
+    assert run.data.tags["stage"] == "train"
+    versions = _client().search_model_versions("name='cifar10-attention56'")
+    assert len(versions) == 1 and versions[0].run_id == run.info.run_id
+
+    result = _cli("evaluate", "--model", out / "model.pt", "--data", small_ingest, "--out", scored)
+    metrics = json.loads((scored / "metrics.json").read_text())
+    assert json.loads(result.stdout) == metrics
+    assert metrics["test_records"] == 50 and 0 <= metrics["top1_accuracy"] <= 1
+    assert metrics["top1_accuracy"] <= metrics["top5_accuracy"]
+    assert metrics["top1_error_pct"] == pytest.approx(100 * (1 - metrics["top1_accuracy"]))
+    confusion = json.loads((scored / "confusion.json").read_text())
+    matrix = np.array(confusion["matrix"])
+    assert matrix.sum() == 50 and np.trace(matrix) / 50 == pytest.approx(metrics["top1_accuracy"])
+    rows = (scored / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "index,actual,predicted" and len(rows) == 51
+    assert len(list((scored / "masks").glob("*.png"))) == 8
+    (evaluation,) = _runs("evaluate")
+    assert evaluation.data.tags["train_run_id"] == run.info.run_id
+    assert evaluation.data.metrics["top1_accuracy"] == pytest.approx(metrics["top1_accuracy"])
+    artifacts = {a.path for a in _client().list_artifacts(evaluation.info.run_id)}
+    assert {"metrics.json", "confusion.png", "masks"} <= artifacts
+
+
+def test_registered_model_predicts_without_pickle(small_ingest: Path, tmp_path: Path) -> None:
+    """The registry's model loads in a fresh process with MLflow's pickle refusal on, and
+    predicts what model.pt predicts."""
+    out = tmp_path / "train"
+    _cli("train", "--data", small_ingest, "--out", out, *TINY_TRAIN, "--iterations", "2")
+    images = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "images.npy", images)
+    code = (
+        "import sys, numpy as np, mlflow; "
+        "m = mlflow.pyfunc.load_model('models:/cifar10-attention56/1'); "
+        f"np.save(sys.argv[1], m.predict(np.load({str(tmp_path / 'images.npy')!r})))"
+    )
+    env = {**os.environ, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "out.npy")], env=env, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    from ran.train.checkpoint import load_model
+
+    model, _ = load_model(out / "model.pt")
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-4, atol=1e-5)
+
+
+def _checkpoint_iteration(path: Path) -> int:
+    try:
+        return torch.load(path, weights_only=True)["progress"]["iteration"]
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return 0
+
+
+def test_kill_9_then_resume_is_bit_identical(small_ingest: Path, tmp_path: Path) -> None:
+    common = [*TINY_TRAIN, "--iterations", "16", "--checkpoint-every", "3", "--log-every", "2"]
+    common += ["--data", small_ingest, "--mixup", "0.2", "--random-erasing", "0.5"]
+    _cli("train", *common, "--out", tmp_path / "whole")
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*CLI, "train", *map(str, common), "--out", str(killed)])
+    deadline = time.monotonic() + 300
+    while _checkpoint_iteration(killed / "checkpoint-last.pt") < 6:
+        assert process.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "model.pt").exists()
+    first = _runs("train")[-1]
+    assert first.info.status == "RUNNING"
+
+    _cli("train", *common, "--out", killed, "--resume")
+    whole, resumed = _weights(tmp_path / "whole" / "model.pt"), _weights(killed / "model.pt")
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+
+    runs = _runs("train")
+    assert len(runs) == 2  # the uninterrupted run, and the killed run continued
+    continued = _client().get_run(first.info.run_id)
+    assert continued.info.status == "FINISHED"
+    steps = [m.step for m in _client().get_metric_history(first.info.run_id, "loss")]
+    assert steps[0] == 2 and steps[-1] == 16
+    assert not [p for p in killed.iterdir() if ".tmp-" in p.name]
+
+
+def test_second_run_into_the_same_folder_is_refused(small_ingest: Path, tmp_path: Path) -> None:
+    out = tmp_path / "train"
+    args = [*TINY_TRAIN, "--iterations", "400", "--data", small_ingest, "--out", out]
+    first = subprocess.Popen([*CLI, "train", *map(str, args)], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / ".train.lock").exists() or not _runs("train"):
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.2)
+        second = _cli("train", *args, check=False)
+        assert second.returncode == 1
+        assert second.stderr.strip().splitlines() == [
+            f"error: {out} is in use by another run (pid {first.pid}); wait for it or stop it "
+            f"(kill {first.pid})"
+        ]
+    finally:
+        first.kill()
+        first.wait()
+    third = _cli("train", *args[:-4], "--iterations", "2", "--data", small_ingest, "--out", out)
+    assert third.returncode == 0
+    statuses = sorted(r.info.status for r in _runs("train"))
+    assert statuses == ["FINISHED", "KILLED"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--depth", "93"], "unknown depth 93 for attention (cifar); valid depths: 56, 92, 128"),
+        (["--attention", "soft"], "train.attention: Input should be 'mixed', 'channel' or"),
+        (["--resume"], "does not exist; start afresh without --resume"),
+        (["--batch-size", "1000"], "larger than the 200 training records"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(
+    small_ingest: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    out = tmp_path / "train"
+    result = _cli("train", "--data", small_ingest, "--out", out, *TINY_TRAIN, *args, check=False)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_bad_checkpoints_and_labels(small_ingest: Path, tmp_path: Path) -> None:
+    out = tmp_path / "train"
+    base = ["train", "--data", small_ingest, "--out", out, *TINY_TRAIN, "--iterations", "2"]
+    _cli(*base)
+    other = _cli(*base, "--depth", "92", "--resume", check=False)
+    assert other.returncode == 1 and "is of another network (attention56-cifar" in other.stderr
+    data = (out / "checkpoint-last.pt").read_bytes()
+    (out / "checkpoint-last.pt").write_bytes(data[: len(data) // 2])
+    truncated = _cli(*base, "--resume", check=False)
+    assert truncated.returncode == 1 and "unreadable" in truncated.stderr
+    assert len(truncated.stderr.strip().splitlines()) == 1
+
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.zeros(199, dtype=np.int64))
+    short = _cli(*base, "--labels", labels, check=False)
+    assert short.returncode == 1 and "has 199 labels but the train split has 200" in short.stderr
+
+
+def test_labels_file_replaces_the_training_labels(small_ingest: Path, tmp_path: Path) -> None:
+    """Every record relabelled 3: the network learns to answer 3 (labels read by index)."""
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.full(200, 3, dtype=np.int64))
+    out = tmp_path / "train"
+    args = ["--iterations", "10", "--log-every", "10", "--lr", "0.05", "--labels", labels]
+    _cli("train", "--data", small_ingest, "--out", out, *TINY_TRAIN, *args)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_train_accuracy"] > 0.9
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(small_ingest: Path, tmp_path: Path) -> None:
+    out = tmp_path / "train"
+    args = [*TINY_TRAIN, "--iterations", "30", "--checkpoint-every", "1", "--lr", "1e12"]
+    result = _cli("train", "--data", small_ingest, "--out", out, *args, check=False)
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()[-1:]
+    assert line.startswith("error: the loss became") and "checkpoint" in line
+    state = torch.load(out / "checkpoint-last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (out / "model.pt").exists()
+    assert _runs("train")[-1].info.status == "FAILED"
