@@ -3,7 +3,9 @@
 Three loaders side by side, same data, same work per image (pad-4 random crop 32,
 horizontal flip, normalise, float32 NCHW batches of 256, 2 workers):
 
-- ``ran`` — the project's loader (:func:`ran.data.beton.make_loader`), as training uses it;
+- ``ran`` — the project's loader as training uses it: :func:`ran.data.beton.make_loader`
+  with the seeded training order, then the seeded batch augmentation
+  (:class:`ran.train.loop.BatchTransform`);
 - ``ffcv`` — a plain FFCV pipeline written directly against FFCV, the reference the
   project's loader must keep ≥ 80 % of;
 - ``torchvision`` — ``ImageFolder`` + ``DataLoader`` over the JPEG files.
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ran.config import IngestParams
+from ran.config import IngestParams, TrainParams
 from ran.data.beton import LoaderSpec, import_ffcv, make_loader
 from ran.data.ingest import ingest
 from ran.data.sources import extract_archive, is_archive
@@ -60,6 +62,25 @@ def compare(makers: dict[str, Callable[[], Iterable]], epochs: int) -> dict[str,
         name: (s[0], images[name] * len(s[1:]) / sum(s[1:]), images[name])
         for name, s in seconds.items()
     }
+
+
+class ProjectLoader:
+    """The project's FFCV loader and its seeded batch augmentation, epoch after epoch."""
+
+    def __init__(self, beton: Path, spec: LoaderSpec) -> None:
+        from ran.train.data import seeded_order
+        from ran.train.loop import BatchTransform
+
+        self.loader = make_loader(
+            beton, spec, BATCH, train=True, num_workers=WORKERS, order=seeded_order(0)
+        )
+        self.transform = BatchTransform(spec, TrainParams(), seed=0)
+        self.epoch = 0
+
+    def __iter__(self) -> Iterable:
+        for images, labels, index in self.loader:
+            yield self.transform(images, index.numpy(), self.epoch), labels
+        self.epoch += 1
 
 
 def plain_ffcv(beton: Path, mean: np.ndarray, std: np.ndarray) -> Iterable:
@@ -136,9 +157,7 @@ def main() -> None:
         spec = LoaderSpec(tuple(mean), tuple(std), resolution=SIDE, small_images=True)
 
         loaders = {
-            "ran (project FFCV loader)": lambda: make_loader(
-                beton, spec, BATCH, train=True, num_workers=WORKERS
-            ),
+            "ran (project FFCV loader)": lambda: ProjectLoader(beton, spec),
             "ffcv (plain pipeline)": lambda: plain_ffcv(beton, mean, std),
             "torchvision ImageFolder + DataLoader": lambda: torchvision_folder(
                 train_dir, mean, std

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,7 +59,8 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _quiet_mlflow() -> None:
-    for chatty in ("mlflow.store.db.utils", "mlflow.tracking.fluent", "alembic"):
+    chatty_loggers = ("mlflow.store.db.utils", "mlflow.tracking.fluent", "alembic")
+    for chatty in (*chatty_loggers, "mlflow.system_metrics"):
         logging.getLogger(chatty).setLevel(logging.WARNING)  # keep stderr for real problems
 
 
@@ -140,6 +142,8 @@ def log_file_dataset(path: Path, name: str, digest: str, context: str) -> None:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    source = resolve_dataset_source(path.resolve().as_uri())
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local file
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(path.resolve().as_uri())
     dataset = MetaDataset(source=source, name=name, digest=digest[:DIGEST_CHARS])
     mlflow.log_input(dataset, context=context)

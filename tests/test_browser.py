@@ -131,41 +131,51 @@ def _as_shown(value: float) -> str:
 def test_ui_shows_the_training_run(mlflow_ui: str, training_run, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
+    run = training_run
+    (logged,) = run.outputs.model_outputs  # the model logged by the run, MLflow 3's LoggedModel
     expect.set_options(timeout=TIMEOUT_MS)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1400})
+            page = browser.new_page(viewport={"width": 1400, "height": 1900})
             page.set_default_timeout(TIMEOUT_MS)
+            main = page.get_by_role("main")
             page.goto(mlflow_ui)
             # MLflow 3 opens in its GenAI mode; training runs are under "Model training".
             page.get_by_role("button", name="Model training").click()
-            page.get_by_role("link", name=EXPERIMENT, exact=True).first.click()
-            main = page.get_by_role("main")
+            main.get_by_role("link", name=EXPERIMENT, exact=True).click()
             main.get_by_role("link", name="train", exact=True).click()
 
+            # The run's overview: its metrics (last values) and its logged, registered model.
             expect(main.get_by_role("heading", name="train", exact=True)).to_be_visible()
-            assert training_run.info.run_id in page.url
+            assert page.url.endswith(f"/runs/{run.info.run_id}")
             for name in ("loss", "train_accuracy"):
-                cell = page.get_by_role("cell", name=name, exact=True)
-                row = main.get_by_role("row").filter(has=cell)
-                expect(row).to_contain_text(_as_shown(training_run.data.metrics[name]))
+                row = main.get_by_role("row").filter(
+                    has=page.get_by_role("cell", name=name, exact=True)
+                )
+                expect(row).to_contain_text(_as_shown(run.data.metrics[name]))
             expect(main.get_by_role("heading", name="Logged models (1)")).to_be_visible()
             model_link = main.get_by_role("link", name="model", exact=True).first
-            experiment_id = training_run.info.experiment_id
-            expect(model_link).to_have_attribute("href", re.compile(rf"/{experiment_id}/models/m-"))
+            expect(model_link).to_have_attribute("href", re.compile(f"/models/{logged.model_id}$"))
             expect(main.get_by_role("link", name=REGISTERED).first).to_be_visible()
-
-            assistant = page.get_by_role("button", name="Close")  # the side panel, for the picture
-            if assistant.count():
-                assistant.last.click()
+            close = page.get_by_role("button", name="Close")  # the assistant panel, for the picture
+            if close.count():
+                close.last.click()
             page.screenshot(path=tmp_path / "run.png")
             shutil.copy(tmp_path / "run.png", SCREENSHOT)
 
-            # The logged model's files come from the artifact store (./mlruns) through the UI.
+            # Files the run logged, read by the UI from the artifact store (./mlruns).
             main.get_by_role("tab", name="Artifacts").click()
+            main.get_by_text("summary.json", exact=True).click()
+            expect(main.get_by_text(f'"run_id": "{run.info.run_id}"')).to_be_visible()
+
+            # The logged model's own page and files (MLmodel, the weights).
+            main.get_by_role("tab", name="Overview").click()
+            model_link.click()
+            expect(main.get_by_role("heading", name="model", exact=True)).to_be_visible()
+            main.get_by_role("link", name="Artifacts", exact=True).click()
             expect(main.get_by_text("MLmodel", exact=True)).to_be_visible()
-            page.screenshot(path=tmp_path / "artifacts.png")
+            page.screenshot(path=tmp_path / "model-artifacts.png")
         finally:
             browser.close()
 

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.slow
+# The quick profile, shrunk to a few steps of a width-0.25 network for the tests.
+TINY_QUICK = {"width": 0.25, "iterations": 4, "batch_size": 20, "checkpoint_every": 2}
+TINY_QUICK |= {"log_every": 2}
 
 
 def _run(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
@@ -40,7 +44,10 @@ def project(tmp_path: Path, cifar10_small: Path, monkeypatch: pytest.MonkeyPatch
             shutil.copy2(REPO / name, repo / name)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["ingest"]["source"] = str(cifar10_small)
+    params["quick"]["train"].update(TINY_QUICK)
+    params["quick"]["evaluate"].update(masks=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / ".venv").symlink_to(BIN.parent)  # the README's set-up, done once for all tests
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the embedded default at the repo root
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     for args in (
@@ -52,29 +59,73 @@ def project(tmp_path: Path, cifar10_small: Path, monkeypatch: pytest.MonkeyPatch
     return repo, env
 
 
-def test_dvc_repro_runs_once_and_reruns_on_param_change(project: tuple) -> None:
+def test_dvc_repro_runs_the_pipeline_once_and_reruns_on_param_change(project: tuple) -> None:
     from mlflow import MlflowClient
 
     repo, env = project
     first = _run([str(BIN / "dvc"), "repro"], repo, env)
-    assert "Running stage 'ingest'" in first.stdout
+    for stage in ("ingest", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in first.stdout
+    assert "profile auto → quick (no GPU found)" in first.stderr
     meta = json.loads((repo / "data/ingest/meta.json").read_text())
     assert meta["splits"]["train"]["count"] == 200
+    metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
+    assert metrics["test_records"] == 50 and metrics["flip"] is True  # the quick profile's
     assert (repo / "dvc.lock").is_file()
 
     again = _run([str(BIN / "dvc"), "repro"], repo, env)
     assert "didn't change" in again.stdout and "Running stage" not in again.stdout
+    shown = _run([str(BIN / "dvc"), "metrics", "show", "--json"], repo, env).stdout
+    assert '"top1_accuracy"' in shown
+    _run([str(BIN / "dvc"), "plots", "show", "-o", "plots"], repo, env)
+    page = (repo / "plots" / "index.html").read_text()
+    assert "curves.csv" in page and "predictions.csv" in page and "confusion.png" in page
 
-    changed = _run([str(BIN / "dvc"), "exp", "run", "-S", "ingest.max_resolution=400"], repo, env)
-    assert "Running stage 'ingest'" in changed.stdout
+    changed = _run([str(BIN / "dvc"), "exp", "run", "-S", "quick.train.lr=0.05"], repo, env)
+    assert "Running stage 'train'" in changed.stdout
+    assert "Running stage 'ingest'" not in changed.stdout
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("residual-attention").experiment_id])
-    assert len(runs) == 2
-    assert {r.data.tags["dvc.stage"] for r in runs} == {"ingest"}
-    assert {r.data.params["max_resolution"] for r in runs} == {"500", "400"}
+    by_stage = {}
+    for run in runs:
+        by_stage.setdefault(run.data.tags["dvc.stage"], []).append(run)
+    assert {k: len(v) for k, v in by_stage.items()} == {"ingest": 1, "train": 2, "evaluate": 2}
+    assert {r.data.params["lr"] for r in by_stage["train"]} == {"0.2", "0.05"}
     head = _run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
     assert {r.data.tags["git_commit"] for r in runs} == {head}
+    # One repro's runs share a pipeline tag; train's input hash is the one dvc.lock recorded.
+    first_train = min(by_stage["train"], key=lambda r: r.info.start_time)
+    first_eval = min(by_stage["evaluate"], key=lambda r: r.info.start_time)
+    assert by_stage["ingest"][0].data.tags["pipeline"] == first_train.data.tags["pipeline"]
+    assert first_train.data.tags["pipeline"] == first_eval.data.tags["pipeline"]
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    ingest_md5 = lock["stages"]["ingest"]["outs"][0]["md5"]
+    assert first_train.data.tags["dvc.input.data/ingest"] == ingest_md5
+    assert first_eval.data.tags["train_run_id"] == first_train.info.run_id
+
+
+def test_readme_commands_work_as_typed(project: tuple) -> None:
+    """The README's activate-then-DVC lines, run as a user types them (no PATH set up)."""
+    repo, env = project
+    readme = (REPO / "README.md").read_text()
+    lines = [
+        "source .venv/bin/activate",
+        "dvc exp run -S ingest.source=../shared/data/cifar10-jpeg.tar.gz",
+        "dvc metrics show",
+    ]
+    for line in lines:
+        assert line in readme, line
+    shared = repo.parent / "shared" / "data"
+    shared.mkdir(parents=True)
+    source = yaml.safe_load((repo / "params.yaml").read_text())["ingest"]["source"]
+    with tarfile.open(shared / "cifar10-jpeg.tar.gz", "w:gz") as tar:
+        tar.add(source, arcname="cifar10-jpeg")
+    user_env = {k: v for k, v in env.items() if k != "PATH"} | {"PATH": "/usr/bin:/bin"}
+    script = " && ".join(["cd " + str(repo), *lines])
+    result = subprocess.run(["bash", "-c", script], env=user_env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Running stage 'evaluate'" in result.stdout and "top1_accuracy" in result.stdout
 
 
 def test_dvc_repro_without_network_names_the_fix(project: tuple) -> None:
@@ -149,3 +200,41 @@ def test_ingest_logs_to_a_real_mlflow_server(
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"meta.json"}
     local = client.download_artifacts(run.info.run_id, "meta.json", str(tmp_path))
     assert json.loads(Path(local).read_text())["num_classes"] == 10
+
+
+def test_train_and_evaluate_log_to_a_real_mlflow_server(
+    mlflow_server: str, small_ingest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same runs, model and registry through a team's server as through the sqlite file;
+    the registered model loads back from the server with pickle refused."""
+    from conftest import TINY_TRAIN
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    out = tmp_path / "train"
+    cli = [sys.executable, "-m", "ran.cli"]
+    train = [*cli, "train", "--data", str(small_ingest), "--out", str(out), *TINY_TRAIN]
+    evaluate = [*cli, "evaluate", "--model", str(out / "model.pt"), "--data", str(small_ingest)]
+    for args in (
+        [*train, "--iterations", "2", "--experiment", "served"],
+        [*evaluate, "--out", str(tmp_path / "eval"), "--experiment", "served", "--masks", "2"],
+    ):
+        result = subprocess.run(args, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("served").experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    assert by_name["evaluate"].data.tags["train_run_id"] == by_name["train"].info.run_id
+    assert "top1_accuracy" in by_name["evaluate"].data.metrics
+    assert {a.path for a in client.list_artifacts(by_name["evaluate"].info.run_id)} >= {
+        "confusion.png",
+        "metrics.json",
+    }
+    code = (
+        "import numpy as np, mlflow; "
+        "m = mlflow.pyfunc.load_model('models:/cifar10-attention56/1'); "
+        "print(m.predict(np.zeros((2, 3, 32, 32), dtype=np.float32)).shape)"
+    )
+    env = {**os.environ, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+    loaded = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert loaded.returncode == 0 and loaded.stdout.strip().endswith("(2, 10)"), loaded.stderr

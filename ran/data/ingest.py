@@ -227,7 +227,9 @@ def ingest(params: IngestParams, out: Path) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def tracked_ingest(params: IngestParams, out: Path, experiment: str) -> dict[str, Any]:
+def tracked_ingest(
+    params: IngestParams, out: Path, experiment: str, tags: dict[str, str] | None = None
+) -> dict[str, Any]:
     """:func:`ingest` inside an MLflow run: params, counts, statistics, validation, datasets.
 
     The run holds ``out`` (:func:`ran.outputs.claim_output`): a second run into it is an
@@ -235,20 +237,23 @@ def tracked_ingest(params: IngestParams, out: Path, experiment: str) -> dict[str
     MLflow run, still RUNNING, is ended as KILLED.
     """
     with claim_output(out) as claim:
-        return _tracked_ingest(params, out, experiment, claim)
+        return _tracked_ingest(params, out, experiment, claim, tags)
 
 
 def _tracked_ingest(
-    params: IngestParams, out: Path, experiment: str, claim: OutputClaim
+    params: IngestParams,
+    out: Path,
+    experiment: str,
+    claim: OutputClaim,
+    tags: dict[str, str] | None,
 ) -> dict[str, Any]:
     import mlflow
 
     from ran.tracking import end_killed_run, log_file_dataset, stage_run
 
     end_killed_run(claim.previous_run_id)
-    with stage_run(
-        "ingest", experiment, {**params.model_dump(mode="json"), "out": str(out)}
-    ) as run:
+    logged = {**params.model_dump(mode="json"), "out": str(out)}
+    with stage_run("ingest", experiment, logged, tags=tags) as run:
         claim.record_run(run.info.run_id)
         try:
             meta = ingest(params, out)
