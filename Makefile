@@ -1,7 +1,7 @@
 # The two commands a newcomer needs (both set everything up first):
 #   make repro   run the DVC pipeline (dvc repro)
 #   make test    lint, format check, and the whole test suite
-.PHONY: setup repro test lint bench bench-models lock
+.PHONY: setup repro test lint bench bench-models bench-train lock
 
 setup:
 	@scripts/setup.sh
@@ -21,6 +21,9 @@ bench: setup
 
 bench-models: setup
 	.venv/bin/python benchmarks/models.py
+
+bench-train: setup
+	.venv/bin/python benchmarks/train.py
 
 # Re-pin requirements.lock from the current .venv (after changing pyproject.toml).
 lock:

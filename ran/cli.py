@@ -142,13 +142,10 @@ def models(
 
 TRAIN_HELP = """Train a Residual Attention Network (or the ResNet baseline) on an ingest output.
 
-Defaults are the paper's recipe (CIFAR: SGD+Nesterov, batch 64, lr 0.1 ÷10 at 64k and 96k
-iterations, 160k in all; ImageNet: ÷10 at 200k/400k/500k, 530k in all). The variant and
-the number of classes follow the data (meta.json). --profile quick lays params.yaml's
-`quick.train` over them (the 2-core CPU profile). Writes OUT/checkpoint-last.pt,
-OUT/model.pt, OUT/curves.csv and OUT/summary.json, and logs one MLflow run.
-Several GPUs: torchrun --nproc-per-node N -m ran.cli train ...
-"""
+Defaults are the paper's recipe (CIFAR: SGD with Nesterov momentum, batch 64, lr 0.1 divided by 10 at 64k and 96k iterations, 160k in all; ImageNet: divided at 200k, 400k and 500k, 530k in all). The variant and the number of classes follow the data (meta.json). --profile quick lays params.yaml's quick.train over them (the 2-core CPU profile).
+
+Writes OUT/checkpoint-last.pt, OUT/model.pt, OUT/curves.csv and OUT/summary.json, and logs one MLflow run. Several GPUs: torchrun --nproc-per-node N -m ran.cli train ...
+"""  # noqa: E501 - one line per paragraph: the help formatter wraps them
 
 
 @app.command(help=TRAIN_HELP)
@@ -165,7 +162,11 @@ def train(
         typer.Option(help="labels.npy (int64, one per train record) to train on instead"),
     ] = None,
     profile: Annotated[
-        str, typer.Option(help="paper | quick (params.yaml quick.train laid over the paper's)")
+        str,
+        typer.Option(
+            help="paper | quick (params.yaml's quick.train laid over the paper's recipe) | "
+            "auto (paper with a GPU, else quick); options given here win over the profile"
+        ),
     ] = "paper",
     resume: Annotated[
         bool, typer.Option("--resume", help="continue from OUT/checkpoint-last.pt")
@@ -174,10 +175,12 @@ def train(
         str, typer.Option(help="MLflow experiment")
     ] = TrackingParams.model_fields["experiment"].default,
 ) -> None:
+    import torch
+
     from ran.config import resolve_profile
     from ran.train import train_model
 
-    base = profile_values("train", resolve_profile(profile, has_gpu=False))
+    base = profile_values("train", resolve_profile(profile, torch.cuda.is_available()))
     params = parse(TrainParams, {**base, **values}, "train")
     summary = train_model(
         params, data, out, experiment, labels=labels, resume="yes" if resume else "no"

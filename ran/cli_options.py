@@ -34,7 +34,7 @@ def _help(field: Any) -> str:
     shown = "unset" if default is None else default
     if isinstance(default, bool):
         shown = str(default).lower()
-    return f"{field.description} [default: {shown}]"
+    return f"{field.description} (default: {shown})"
 
 
 def model_options(model: type[BaseModel], skip: set[str] = frozenset()) -> list[inspect.Parameter]:

@@ -155,7 +155,8 @@ def test_ui_shows_the_training_run(mlflow_ui: str, training_run, tmp_path: Path)
                 )
                 expect(row).to_contain_text(_as_shown(run.data.metrics[name]))
             expect(main.get_by_role("heading", name="Logged models (1)")).to_be_visible()
-            model_link = main.get_by_role("link", name="model", exact=True).first
+            # The "Logged models" grid's link (the metrics table's open a new tab).
+            model_link = main.get_by_role("grid").get_by_role("link", name="model", exact=True)
             expect(model_link).to_have_attribute("href", re.compile(f"/models/{logged.model_id}$"))
             expect(main.get_by_role("link", name=REGISTERED).first).to_be_visible()
             close = page.get_by_role("button", name="Close")  # the assistant panel, for the picture

@@ -31,6 +31,31 @@ def test_help_imports_nothing_heavy() -> None:
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("command", ["ingest", "train", "evaluate"])
+def test_command_help_imports_nothing_heavy(command: str) -> None:
+    code = (
+        "import sys; from typer.testing import CliRunner; from ran.cli import app; "
+        f"r = CliRunner().invoke(app, [{command!r}, '--help']); assert r.exit_code == 0, r.output; "
+        f"print([m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_train_help_lists_every_parameter(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ran.config import TrainParams
+
+    monkeypatch.setenv("COLUMNS", "200")
+    result = _cli("train", "--help")
+    assert result.returncode == 0
+    flat = " ".join(result.stdout.split())
+    for name in TrainParams.model_fields:
+        assert "--" + name.replace("_", "-") in flat, name
+    for option in ("--data", "--out", "--labels", "--resume", "--profile", "--experiment"):
+        assert option in flat
+    assert "the paper's recipe" in flat and "(default: 92)" in flat
+
+
 @pytest.mark.parametrize("args", [["--help"], ["ingest", "--help"]])
 def test_help_explains(args: list[str]) -> None:
     result = _cli(*args)
