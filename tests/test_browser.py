@@ -1,11 +1,10 @@
-"""The MLflow UI as a user opens it: ``ran-cli ui`` on a store holding a training run, looked
-at in a real headless Chromium (Debian's ``chromium`` driven by Playwright; set-up installs
-both), and ``ran-cli ui`` when the tracking URI is already a server.
+"""The MLflow UI as a user opens it: ``ran-cli ui`` on a store holding a real training run,
+looked at in a real headless Chromium (Debian's ``chromium`` driven by Playwright, both
+installed by scripts/setup.sh; another binary: ``RAN_CHROMIUM``), and ``ran-cli ui`` when the
+tracking URI is already a server.
 
-The training run comes from the ``training_run`` fixture. STAND-IN: until the training stage
-can be used here it logs, with mlflow directly, what ``ran.train.train_model`` logs and the
-page shows: a run named "train", ``loss`` / ``train_accuracy`` at several steps, and a small
-torch network as the logged model ``model`` registered as ``cifar10-attention56``.
+The browser test leaves its screenshots in its tmp_path and a copy of the run's page in
+/tmp/mlflow-ui-run.png.
 """
 
 from __future__ import annotations
@@ -52,10 +51,11 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _serving(args: list[str], url: str, log: Path, cwd: Path | None = None) -> Iterator[str]:
+def _serving(
+    args: list[str], url: str, log: Path, cwd: Path | None = None, env: dict | None = None
+) -> Iterator[str]:
     """Run ``args`` (a server and its children, in their own process group) until ``url``
     answers /health; stop the whole group afterwards."""
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log, "wb") as out:
         server = subprocess.Popen(
             args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -118,7 +118,8 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
     args = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
     args += ["--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
     args += ["--artifacts-destination", str(tmp_path / "artifacts")]
-    with _serving(args, f"http://127.0.0.1:{port}", tmp_path / "server.log") as url:
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # 8 fewer processes
+    with _serving(args, f"http://127.0.0.1:{port}", tmp_path / "server.log", env=env) as url:
         yield url
 
 
@@ -131,6 +132,8 @@ def _as_shown(value: float) -> str:
 def test_ui_shows_the_training_run(mlflow_ui: str, training_run, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} missing: run scripts/setup.sh as root (apt-get install chromium)")
     run = training_run
     (logged,) = run.outputs.model_outputs  # the model logged by the run, MLflow 3's LoggedModel
     expect.set_options(timeout=TIMEOUT_MS)
@@ -191,3 +194,33 @@ def test_ui_names_a_tracking_server(mlflow_server: str, monkeypatch: pytest.Monk
     assert line.startswith(f"MLflow UI is already at {mlflow_server} ")
     with urllib.request.urlopen(mlflow_server, timeout=30) as response:
         assert b"<title>MLflow</title>" in response.read()
+
+
+@pytest.mark.parametrize("store", ["default", "file"])
+def test_ui_serves_the_project_store(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command line ``ran-cli ui`` hands to ``mlflow server`` (exec'd, so not run here)."""
+    from typer.testing import CliRunner
+
+    from ran.cli import app
+
+    repo = Path(__file__).resolve().parents[1]
+    if store == "default":
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
+        uri = f"sqlite:///{repo / 'mlflow.db'}"
+    else:
+        uri = (tmp_path / "mlruns").as_uri()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(repo)
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda path, args, env: calls.append((path, args, env)))
+    result = CliRunner().invoke(app, ["ui", "--port", "5123"])
+    assert result.exit_code == 0, result.output
+    ((path, args, env),) = calls
+    artifacts = ["--default-artifact-root", (repo / "mlruns").as_uri()]
+    assert path == sys.executable and args[:4] == [sys.executable, "-m", "mlflow", "server"]
+    assert args[4:10] == ["--backend-store-uri", uri, "--host", "127.0.0.1", "--port", "5123"]
+    assert args[10:] == ["--workers", "1", *(artifacts if store == "default" else [])]
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert "MLflow UI: http://127.0.0.1:5123" in result.output
