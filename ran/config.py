@@ -152,6 +152,14 @@ class TrainParams(_Params):
     random_erasing: float = Field(
         0.0, ge=0, le=1, description="probability of random erasing per image (0: off)"
     )
+    min_side: int | None = Field(
+        None,
+        ge=8,
+        description="progressive resizing: train at this side first, growing to the full "
+        "side between ramp_start and ramp_end (unset: always the full side)",
+    )
+    ramp_start: float = Field(0.2, ge=0, le=1, description="share of iterations at min_side")
+    ramp_end: float = Field(0.85, ge=0, le=1, description="share of iterations where the side is full")
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda[:N]"
     )

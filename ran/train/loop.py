@@ -58,13 +58,31 @@ def normalize(images: torch.Tensor, spec: LoaderSpec) -> torch.Tensor:
 
 class BatchTransform:
     """Training augmentation of a uint8 batch: CIFAR pad-4 crop + flip on the normalised
-    image; ImageNet random-resized crop + flip + colour jitter; then random erasing."""
+    image; ImageNet random-resized crop + flip + colour jitter; then random erasing; then,
+    with progressive resizing, the batch at the side of this point in training."""
 
     def __init__(self, spec: LoaderSpec, params: TrainParams, seed: int) -> None:
         self.spec, self.seed, self.erasing = spec, seed, params.random_erasing
+        self.params = params
         self.geometry = (
             PadCropFlip(spec.resolution) if spec.small_images else ResizedCropFlip(spec.resolution)
         )
+
+    def side(self, progress: float) -> int:
+        """Progressive resizing (as ffcv-imagenet does it): ``min_side`` until ``ramp_start``
+        of training, then linearly up to the full side at ``ramp_end``, in steps of 4 px."""
+        full, low = self.spec.resolution, self.params.min_side
+        if low is None or low >= full:
+            return full
+        start, end = self.params.ramp_start, max(self.params.ramp_end, self.params.ramp_start)
+        share = 1.0 if end == start else min(max((progress - start) / (end - start), 0.0), 1.0)
+        return min(full, int(round((low + share * (full - low)) / 4) * 4))
+
+    def resize(self, x: torch.Tensor, progress: float) -> torch.Tensor:
+        side = self.side(progress)
+        if side == x.shape[-1]:
+            return x
+        return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
 
     def __call__(self, images: torch.Tensor, index: np.ndarray, epoch: int) -> torch.Tensor:
         g = self.geometry.uniforms
@@ -256,6 +274,7 @@ class Trainer:
         p, device = self.params, self.ctx.device
         index_np = index.numpy()
         x = self.transform(images, index_np, self.progress.epoch)
+        x = self.transform.resize(x, self.progress.iteration / self.recipe.iterations)
         y = self.labels_on_device[index.to(device, non_blocking=True)]
         autocast = torch.autocast(device.type, dtype=self.dtype) if self.dtype else nullcontext()
         with autocast:
