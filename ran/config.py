@@ -159,7 +159,9 @@ class TrainParams(_Params):
         "side between ramp_start and ramp_end (unset: always the full side)",
     )
     ramp_start: float = Field(0.2, ge=0, le=1, description="share of iterations at min_side")
-    ramp_end: float = Field(0.85, ge=0, le=1, description="share of iterations where the side is full")
+    ramp_end: float = Field(
+        0.85, ge=0, le=1, description="share of iterations where the side is full"
+    )
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda[:N]"
     )

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ran.config import TrainParams
 from ran.data.beton import LoaderSpec, make_loader, read_records
