@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import signal
+import socket
+import subprocess
 import tarfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +125,43 @@ def small_ingest(cifar10_small: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 # A network small enough to take a few steps in seconds on 2 cores: width-0.25 Attention-56.
 TINY_TRAIN = ["--depth", "56", "--width", "0.25", "--batch-size", "20", "--device", "cpu"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(
+    args: list[str], url: str, log: Path, cwd: Path | None = None, env: dict | None = None
+) -> Iterator[str]:
+    """Run ``args`` (a server and its children, in their own process group) until ``url``
+    answers /health; stop the whole group afterwards."""
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"{args[:3]} did not serve {url}:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(server.pid, sig)
+                server.wait(timeout=wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue

@@ -107,3 +107,19 @@ def test_bad_labels_file(tmp_path, array: np.ndarray, message: str) -> None:
     np.save(path, array)
     with pytest.raises(RanError, match=message):
         load_labels(path, 10, 10)
+
+
+def test_progressive_resizing_schedule() -> None:
+    from ran.config import TrainParams
+    from ran.data.beton import LoaderSpec
+    from ran.train.loop import BatchTransform
+
+    spec = LoaderSpec((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 32, True)
+    ramp = BatchTransform(spec, TrainParams(min_side=16, ramp_start=0.2, ramp_end=0.8), 0)
+    sides = [ramp.side(p) for p in (0.0, 0.2, 0.5, 0.8, 1.0)]
+    assert sides == [16, 16, 24, 32, 32]
+    assert all(side % 4 == 0 for side in (ramp.side(p / 100) for p in range(101)))
+    assert ramp.resize(torch.rand(2, 3, 32, 32), 0.0).shape == (2, 3, 16, 16)
+    off = BatchTransform(spec, TrainParams(), 0)
+    x = torch.rand(2, 3, 32, 32)
+    assert off.side(0.0) == 32 and off.resize(x, 0.0) is x

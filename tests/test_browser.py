@@ -12,18 +12,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, free_port, serving
 
 BIN = Path(sys.executable).parent
 CHROMIUM = Path(os.environ.get("RAN_CHROMIUM", "/usr/bin/chromium"))
@@ -42,46 +38,6 @@ EXPERIMENT = "residual-attention"
 REGISTERED = "cifar10-attention56"
 SCREENSHOT = Path("/tmp/mlflow-ui-run.png")  # a copy to look at after the run
 TIMEOUT_MS = 60_000  # the UI's first load takes ~10 s on 2 busy cores
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _serving(
-    args: list[str], url: str, log: Path, cwd: Path | None = None, env: dict | None = None
-) -> Iterator[str]:
-    """Run ``args`` (a server and its children, in their own process group) until ``url``
-    answers /health; stop the whole group afterwards."""
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"{args[:3]} did not serve {url}:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield url
-    finally:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(server.pid, sig)
-                server.wait(timeout=wait)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
 
 
 @pytest.fixture
@@ -105,21 +61,21 @@ def training_run(small_ingest: Path, tmp_path: Path):
 @pytest.fixture
 def mlflow_ui(training_run, tmp_path: Path) -> Iterator[str]:
     """``ran-cli ui`` on a free port, started where the run was logged (tmp_path)."""
-    port = _free_port()
+    port = free_port()
     args = [str(BIN / "ran-cli"), "ui", "--port", str(port)]
-    with _serving(args, f"http://127.0.0.1:{port}", tmp_path / "ui.log", cwd=tmp_path) as url:
+    with serving(args, f"http://127.0.0.1:{port}", tmp_path / "ui.log", cwd=tmp_path) as url:
         yield url
 
 
 @pytest.fixture
 def mlflow_server(tmp_path: Path) -> Iterator[str]:
     """A real ``mlflow server`` on loopback."""
-    port = _free_port()
+    port = free_port()
     args = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
     args += ["--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
     args += ["--artifacts-destination", str(tmp_path / "artifacts")]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # 8 fewer processes
-    with _serving(args, f"http://127.0.0.1:{port}", tmp_path / "server.log", env=env) as url:
+    with serving(args, f"http://127.0.0.1:{port}", tmp_path / "server.log", env=env) as url:
         yield url
 
 

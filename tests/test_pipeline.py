@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port, serving
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -146,40 +144,16 @@ def test_dvc_repro_without_network_names_the_fix(project: tuple) -> None:
     assert "RAN_INGEST_SOURCE" in result.stderr and not (repo / "data/ingest").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path: Path) -> str:
     """A real ``mlflow server`` on loopback, with proxied artifact storage."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = ["server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     args += ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
     args += ["--artifacts-destination", str(tmp_path / "artifacts")]
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("mlflow server did not start")
-                time.sleep(0.5)
+    with serving([str(BIN / "mlflow"), *args], url, tmp_path / "server.log"):
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_ingest_logs_to_a_real_mlflow_server(

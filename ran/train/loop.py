@@ -9,7 +9,6 @@ Exact resume follows by construction: every piece of state is in the checkpoint
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from ran.config import TrainParams
 from ran.data.beton import LoaderSpec, make_loader, read_records
+from ran.data.sources import sha256_file
 from ran.errors import RanError
 from ran.train import checkpoint
 from ran.train.augment import (
@@ -119,14 +119,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Trainer:
