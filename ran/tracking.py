@@ -36,14 +36,23 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
-def _git_commit(root: Path) -> str | None:
+def _git(root: Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True
-        )
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
     except OSError:
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _git_commit(root: Path) -> str | None:
+    return _git(root, "rev-parse", "HEAD") or None
+
+
+def _git_dirty(root: Path) -> str | None:
+    """``true`` when tracked files differ from the commit (the run's code is not the
+    commit's); DVC's outputs are ignored by git and do not count."""
+    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return None if status is None else str(bool(status)).lower()
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -92,6 +101,7 @@ def stage_run(
     run_tags = {
         "stage": stage,
         "git_commit": _git_commit(root),
+        "git_dirty": _git_dirty(root),
         "dvc.stage": os.environ.get("DVC_STAGE"),
         "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
         **(tags or {}),

@@ -92,6 +92,7 @@ def test_dvc_repro_runs_the_pipeline_once_and_reruns_on_param_change(project: tu
     assert {r.data.params["lr"] for r in by_stage["train"]} == {"0.2", "0.05"}
     head = _run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
     assert {r.data.tags["git_commit"] for r in runs} == {head}
+    assert {r.data.tags["git_dirty"] for r in by_stage["ingest"]} == {"false"}
     # One repro's runs share a pipeline tag; train's input hash is the one dvc.lock recorded.
     first_train = min(by_stage["train"], key=lambda r: r.info.start_time)
     first_eval = min(by_stage["evaluate"], key=lambda r: r.info.start_time)
