@@ -240,3 +240,23 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(small_ingest: Path, tmp_pa
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (out / "model.pt").exists()
     assert _runs("train")[-1].info.status == "FAILED"
+
+
+def test_imagenet_size_data_takes_the_imagenet_variant(imagenet_tree: Path, tmp_path: Path) -> None:
+    """Real ImageNet images (variable sizes): random-resized crops at 224 px, the ImageNet
+    network, and evaluation at another test size (centre crop)."""
+    data, out, scored = tmp_path / "imagenet", tmp_path / "train", tmp_path / "eval"
+    _cli("ingest", "--dataset", "imagenet", "--source", imagenet_tree, "--out", data)
+    args = ["--depth", "56", "--width", "0.25", "--batch-size", "4", "--device", "cpu"]
+    _cli("train", "--data", data, "--out", out, *args, "--iterations", "2", "--register-model")
+    record = torch.load(out / "model.pt", weights_only=True)
+    assert record["arch"]["variant"] == "attention56-imagenet"
+    assert record["input_size"] == 224 and record["small_images"] is False
+    _cli("evaluate", "--model", out / "model.pt", "--data", data, "--out", scored)
+    big = _cli(
+        "evaluate", "--model", out / "model.pt", "--data", data, "--out", scored,
+        "--image-size", "256", "--masks", "2",
+    )  # fmt: skip
+    metrics = json.loads(big.stdout)
+    assert metrics["image_size"] == 256 and metrics["test_records"] == 100
+    assert len(list((scored / "masks").glob("*.png"))) == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,6 +102,8 @@ class _Silent:
 
 
 def _progress_bar() -> Any:
+    """A rich bar; where output is not a terminal (DVC, CI logs), wide enough to be read."""
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -121,6 +124,7 @@ def _progress_bar() -> Any:
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
+        console=Console(stderr=True, width=None if sys.stderr.isatty() else 140),
     )
 
 
