@@ -223,7 +223,7 @@ def test_labels_file_replaces_the_training_labels(small_ingest: Path, tmp_path: 
     labels = tmp_path / "labels.npy"
     np.save(labels, np.full(200, 3, dtype=np.int64))
     out = tmp_path / "train"
-    args = ["--iterations", "10", "--log-every", "10", "--lr", "0.05", "--labels", labels]
+    args = ["--iterations", "20", "--log-every", "10", "--lr", "0.05", "--labels", labels]
     _cli("train", "--data", small_ingest, "--out", out, *TINY_TRAIN, *args)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_train_accuracy"] > 0.9

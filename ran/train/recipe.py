@@ -72,8 +72,11 @@ def make_schedule(
     if params.schedule == "step":
         return sched.MultiStepLR(optimizer, recipe.milestones, gamma=0.1)
     if params.schedule == "onecycle":
+        # A quarter warm-up; a run of a few iterations needs a longer share for torch's two
+        # phases to each span a step (4 iterations at 0.25 divide by zero).
+        warmup_share = min(max(0.25, 1.5 / recipe.iterations), 0.75)
         return sched.OneCycleLR(
-            optimizer, max_lr=params.lr, total_steps=recipe.iterations, pct_start=0.25
+            optimizer, max_lr=params.lr, total_steps=recipe.iterations, pct_start=warmup_share
         )
     warmup = min(params.warmup, recipe.iterations - 1)
     cosine = sched.CosineAnnealingLR(optimizer, T_max=recipe.iterations - warmup)
