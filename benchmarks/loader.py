@@ -6,8 +6,8 @@ horizontal flip, normalise, float32 NCHW batches of 256, 2 workers):
 - ``ran`` — the project's loader as training uses it: :func:`ran.data.beton.make_loader`
   with the seeded training order, then the seeded batch augmentation
   (:class:`ran.train.loop.BatchTransform`);
-- ``ffcv`` — a plain FFCV pipeline written directly against FFCV, the reference the
-  project's loader must keep ≥ 80 % of;
+- ``ffcv`` — a plain FFCV pipeline written directly against FFCV, with FFCV's own
+  augmentation (fast, but not seeded per record: the bound on what FFCV can do here);
 - ``torchvision`` — ``ImageFolder`` + ``DataLoader`` over the JPEG files.
 
 The first FFCV epoch pays for numba compilation; it is reported on its own, and the rate
@@ -40,7 +40,8 @@ def _epoch(loader: Iterable) -> tuple[float, int]:
     start, images = time.perf_counter(), 0
     for batch in loader:
         x = batch[0]
-        assert x.dtype == torch.float32 and x.shape[1:] == (3, SIDE, SIDE)
+        shape = (x.dtype, tuple(x.shape[1:]))
+        assert shape == (torch.float32, (3, SIDE, SIDE)), f"{type(loader).__name__}: {shape}"
         images += x.shape[0]
     return time.perf_counter() - start, images
 

@@ -52,8 +52,8 @@ def read_meta(data: Path) -> dict[str, Any]:
 
 def normalize(images: torch.Tensor, spec: LoaderSpec) -> torch.Tensor:
     """uint8 images on any device → float32, standardised by the data's 0–255 statistics."""
-    mean = torch.tensor(spec.mean, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=images.device).view(1, 3, 1, 1)
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     return (images.float() - mean) / std
 
 
