@@ -1,4 +1,4 @@
-"""DVC stage ``train``: data/ingest (+ data/noise labels, when present) → data/train.
+"""DVC stage ``train``: data/ingest + data/noise/labels.npy → data/train.
 
 The profile (``profile`` in params.yaml: paper, quick or auto) picks the recipe; a killed
 run resumes from data/train/checkpoint-last.pt when its settings are unchanged.
@@ -11,13 +11,14 @@ from ran.errors import user_errors
 from ran.pipeline import stage_profile, stage_tags
 from ran.train import train_model
 
-DATA, OUT = Path("data/ingest"), Path("data/train")
+DATA, LABELS, OUT = Path("data/ingest"), Path("data/noise/labels.npy"), Path("data/train")
 
 
 def main() -> None:
     params = profiled_section("train", TrainParams, stage_profile())
     tracking = load_section("mlflow", TrackingParams)
-    train_model(params, DATA, OUT, tracking.experiment, resume="auto", tags=stage_tags("train"))
+    tags = stage_tags("train")
+    train_model(params, DATA, OUT, tracking.experiment, labels=LABELS, resume="auto", tags=tags)
 
 
 if __name__ == "__main__":

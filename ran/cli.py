@@ -19,6 +19,7 @@ from ran.config import (
     SOURCE_ENV,
     EvaluateParams,
     IngestParams,
+    NoiseParams,
     TrackingParams,
     TrainParams,
     ValidationParams,
@@ -30,7 +31,8 @@ from ran.errors import user_errors
 
 app = typer.Typer(
     name="ran-cli",
-    help="Residual Attention Network pipeline: ingest data, inspect models, train, evaluate.",
+    help="Residual Attention Network pipeline: ingest data, inspect models, add label noise, "
+    "train, evaluate.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -138,6 +140,31 @@ def models(
         )
     console = Console()
     Console(width=max(console.width, 100)).print(table)  # seven columns need 100
+
+
+@app.command()
+@user_errors
+@with_model_options(NoiseParams)
+def noise(
+    values: dict,
+    data: Annotated[Path, typer.Option(help="ingest output whose train labels are made noisy")] = (
+        Path("data/ingest")
+    ),
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("data/noise"),
+    experiment: Annotated[
+        str, typer.Option(help="MLflow experiment")
+    ] = TrackingParams.model_fields["experiment"].default,
+) -> None:
+    """Make the train split's labels noisy: OUT/labels.npy (int64, one per train record, in
+    record-index order; `ran-cli train --labels` reads it), OUT/report.json (requested and
+    achieved rate, transition matrix, per-class flips), OUT/transition.png; validated with
+    Great Expectations and logged to MLflow. The images are not copied."""
+    from ran.noise import tracked_noise
+
+    params = parse(NoiseParams, values, "noise")
+    report = tracked_noise(params, data, out, experiment)
+    keys = ("kind", "requested_rate", "achieved_rate", "flipped_records", "records")
+    print(json.dumps({"out": str(out), **{k: report[k] for k in keys}}))
 
 
 TRAIN_HELP = """Train a Residual Attention Network (or the ResNet baseline) on an ingest output.

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ran.errors import RanError
 
@@ -67,9 +67,10 @@ class TrackingParams(_Params):
 
 
 def _one_line(exc: ValidationError, where: str) -> str:
-    problems = [
-        f"{where}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-    ]
+    problems = []
+    for err in exc.errors():
+        field = ".".join([where, *(str(p) for p in err["loc"])])
+        problems.append(f"{field}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(problems)
 
 
@@ -104,6 +105,43 @@ def with_source_override(params: IngestParams) -> IngestParams:
 def cache_dir() -> Path:
     """Where downloads and derived tables are kept between runs (``RAN_CACHE``, ~/.cache/ran)."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ran")
+
+
+class NoiseParams(_Params):
+    """Which labels of the train split are made wrong, and how (the paper's Sec. 4.1 study).
+
+    ``symmetric`` is the paper's definition: a label stays with probability 1 - rate and
+    moves to each other class with probability rate / (K - 1). ``pair`` moves every label
+    of a class to one fixed other class with probability rate. ``none`` keeps every label.
+    """
+
+    kind: Literal["none", "symmetric", "pair"] = Field(
+        "none", description="none | symmetric (paper: to each other class alike) | pair"
+    )
+    rate: float = Field(
+        0.0, ge=0, le=1, description="noise level r: share of each class's labels moved"
+    )
+    pairs: Literal["next", "cifar10"] = Field(
+        "next",
+        description="pair: the class each class flips to: next (c → c+1) | cifar10 (truck → "
+        "automobile, bird → airplane, deer → horse, cat ↔ dog; other classes stay)",
+    )
+    exact: bool = Field(
+        False, description="flip exactly round(rate × n) labels of each class, not sampled"
+    )
+    tolerance: float = Field(
+        0.01, gt=0, le=1, description="validation: allowed |achieved - requested| rate"
+    )
+    seed: int = Field(0, description="seeds which labels flip and where they go")
+
+    @model_validator(mode="after")
+    def _none_is_clean(self) -> NoiseParams:
+        if self.kind == "none" and self.rate != 0:
+            raise ValueError(
+                f"kind none keeps every label: rate must be 0, not {self.rate} "
+                "(pick kind symmetric or pair for noise)"
+            )
+        return self
 
 
 Family = Literal["attention", "resnet"]

@@ -25,6 +25,8 @@ import torch
 from ran.config import EvaluateParams
 from ran.data.beton import LoaderSpec, make_loader
 from ran.errors import RanError
+from ran.figures import matrix_png
+from ran.outputs import staged_output
 
 OUTPUTS = ("metrics.json", "per_class.json", "confusion.json", "confusion.png", "predictions.csv")
 
@@ -51,32 +53,6 @@ def predict(
                 probs = (logits.softmax(1) + model(x.flip(3)).float().softmax(1)) / 2
                 logits = probs.log()
             yield logits, labels, index
-
-
-def _confusion_png(matrix: np.ndarray, classes: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = len(classes)
-    size = min(4 + k * 0.35, 24)
-    fig, ax = plt.subplots(figsize=(size, size))
-    rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    if k <= 20:
-        ax.set_xticks(range(k), classes, rotation=90)
-        ax.set_yticks(range(k), classes)
-        for i in range(k):
-            for j in range(k):
-                colour = "white" if rates[i, j] > 0.5 else "black"
-                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color=colour, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    ax.set_title("confusion matrix (test split)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _mask_figures(
@@ -123,7 +99,6 @@ def _first_images(data: Path, spec: LoaderSpec, count: int) -> torch.Tensor:
 
 def evaluate(model_path: Path, data: Path, out: Path, params: EvaluateParams) -> dict[str, Any]:
     """Score ``model_path`` on ``data/val.beton`` into ``out``; returns ``metrics.json``."""
-    from ran.data.ingest import _make_tmp_dir, _replace_dir
     from ran.train.checkpoint import load_model
     from ran.train.distributed import pick_device
     from ran.train.loop import read_meta
@@ -186,14 +161,13 @@ def evaluate(model_path: Path, data: Path, out: Path, params: EvaluateParams) ->
         "image_size": spec.resolution,
         "flip": params.flip,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_tmp_dir(out, "tmp")
-    try:
+    with staged_output(out) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / "per_class.json").write_text(json.dumps(per_class, indent=2) + "\n")
         confusion = {"classes": classes, "matrix": matrix.tolist()}
         (tmp / "confusion.json").write_text(json.dumps(confusion) + "\n")
-        _confusion_png(matrix, classes, tmp / "confusion.png")
+        title = "confusion matrix (test split)"
+        matrix_png(matrix, classes, tmp / "confusion.png", title, "predicted", "actual")
         with open(tmp / "predictions.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["index", "actual", "predicted"])
@@ -201,11 +175,6 @@ def evaluate(model_path: Path, data: Path, out: Path, params: EvaluateParams) ->
                 writer.writerow([index, classes[actual], classes[predicted]])
         if params.masks:
             _mask_figures(model, _first_images(data, spec, params.masks), spec, tmp / "masks")
-        _replace_dir(tmp, out)
-    finally:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
     return metrics
 
 

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -37,7 +38,7 @@ from typing import Any
 
 from ran.errors import RanError
 
-LEFTOVER_KINDS = ("tmp", "old", "failed")  # ran.data.ingest: _make_tmp_dir, _replace_dir
+LEFTOVER_KINDS = ("tmp", "old", "failed")  # temporary_sibling, publish_dir
 INSIDE_TMP = ".*.tmp-*"  # atomic_write's temporaries inside an output
 HOLDER_WAIT_S = 2.0  # how long to wait for a fresh holder to write its pid
 
@@ -263,3 +264,37 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+def temporary_sibling(out: Path, kind: str = "tmp") -> Path:
+    """A new hidden folder ``.<name>.<kind>-*`` beside ``out`` (same file system, so the
+    final rename is atomic; a killed run's is removed by the next :func:`claim_output`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)  # mkdtemp's 0700 would leak into the published folder
+    return path
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Move ``tmp`` to ``out``, replacing what was there, with one rename for the new data."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+@contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A temporary sibling folder to write ``out`` into: published as ``out`` when the
+    block ends normally, removed when it raises (nothing partial is ever at ``out``)."""
+    tmp = temporary_sibling(out)
+    try:
+        yield tmp
+        publish_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

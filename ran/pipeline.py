@@ -51,8 +51,8 @@ def pipeline_id() -> str | None:
 
 
 def input_hashes(stage: str) -> dict[str, str]:
-    """The md5 DVC recorded in dvc.lock for each dependency of ``stage`` that an earlier
-    stage produced (its outputs are locked before this stage starts)."""
+    """The md5 DVC recorded in dvc.lock for each output of an earlier stage that ``stage``
+    depends on, whole or in part (those outputs are locked before this stage starts)."""
     if not (LOCK_FILE.is_file() and STAGES_FILE.is_file()):
         return {}
     deps = (yaml.safe_load(STAGES_FILE.read_text()) or {}).get("stages", {}).get(stage, {})
@@ -60,8 +60,10 @@ def input_hashes(stage: str) -> dict[str, str]:
     hashes = {}
     for locked in ((yaml.safe_load(LOCK_FILE.read_text()) or {}).get("stages") or {}).values():
         for out in locked.get("outs", []):
-            if out.get("path") in wanted and out.get("md5"):
-                hashes[out["path"]] = out["md5"]
+            path = out.get("path")
+            used = any(dep == path or dep.startswith(f"{path}/") for dep in wanted)
+            if used and out.get("md5"):
+                hashes[path] = out["md5"]
     return hashes
 
 

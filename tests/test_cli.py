@@ -31,7 +31,7 @@ def test_help_imports_nothing_heavy() -> None:
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("command", ["ingest", "train", "evaluate"])
+@pytest.mark.parametrize("command", ["ingest", "noise", "train", "evaluate"])
 def test_command_help_imports_nothing_heavy(command: str) -> None:
     code = (
         "import sys; from typer.testing import CliRunner; from ran.cli import app; "
@@ -94,7 +94,7 @@ def test_environment_variable_points_at_source(cifar10_small: Path, tmp_path: Pa
 
 @pytest.mark.slow
 def test_real_cifar10_archive(tmp_path: Path) -> None:
-    """The issue's acceptance run: the whole real CIFAR-10 JPEG archive."""
+    """The whole real CIFAR-10 JPEG archive: ingest, then the noise stage on it."""
     from conftest import CIFAR10_JPEG
     from mlflow import MlflowClient
 
@@ -110,6 +110,14 @@ def test_real_cifar10_archive(tmp_path: Path) -> None:
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("residual-attention").experiment_id])
     assert [r.data.metrics["train_count"] for r in runs] == [50_000]
+    # The noise stage on it: the real 50,000 labels, sampled at the requested rate.
+    noise = tmp_path / "noise"
+    result = _cli("noise", "--data", str(out), "--out", str(noise), "--kind", "symmetric",
+                  "--rate", "0.5")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads((noise / "report.json").read_text())
+    assert report["records"] == 50_000 and report["achieved_rate"] == pytest.approx(0.5, abs=0.01)
+    assert [row["records"] for row in report["per_class"]] == [5000] * 10
 
 
 @pytest.mark.slow

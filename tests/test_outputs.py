@@ -228,12 +228,12 @@ def test_atomic_write_killed_mid_write_is_cleaned_up(tmp_path: Path) -> None:
         _kill_group(proc)
 
 
-def test_leftover_names_match_ingest_exactly(tmp_path: Path) -> None:
-    from ran.data.ingest import _make_tmp_dir
+def test_leftover_names_match_the_temporary_folders_exactly(tmp_path: Path) -> None:
+    from ran.outputs import temporary_sibling
 
     out = tmp_path / "data"
-    made = [_make_tmp_dir(out, kind) for kind in ("tmp", "failed")]
-    old = tmp_path / f".data.old-{os.getpid()}"  # _replace_dir's
+    made = [temporary_sibling(out, kind) for kind in ("tmp", "failed")]
+    old = tmp_path / f".data.old-{os.getpid()}"  # publish_dir's
     old.mkdir()
     for name in (".data2.tmp-x", ".dat.tmp-x", "data.tmp-x", ".data.lock", ".data.tmpx"):
         (tmp_path / name).mkdir()  # not this output's, or not a temporary
@@ -400,3 +400,50 @@ def test_second_ingest_into_the_same_folder_is_refused(small_archive: Path, tmp_
         assert run.info.status == "RUNNING" and run.info.run_id in record
     finally:
         _kill_group(first)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["noise", "evaluate"])
+def test_stage_killed_halfway_ends_its_run_as_killed(
+    stage: str, small_ingest: Path, tmp_path: Path
+) -> None:
+    """``kill -9`` of a stage once its MLflow run is recorded: the next run into the same
+    output ends the killed run as KILLED, writes every output and leaves nothing behind."""
+    from conftest import TINY_TRAIN
+
+    out = tmp_path / stage
+    args = [stage, "--data", str(small_ingest), "--out", str(out), "--experiment", stage]
+    if stage == "evaluate":
+        model = tmp_path / "train"
+        trained = subprocess.run(
+            [*CLI, "train", "--data", str(small_ingest), "--out", str(model), *TINY_TRAIN,
+             "--iterations", "2", "--experiment", "setup"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert trained.returncode == 0, trained.stderr[-2000:]
+        args += ["--model", str(model / "model.pt"), "--masks", "2"]
+    else:
+        args += ["--kind", "symmetric", "--rate", "0.2", "--exact"]
+
+    def recorded() -> bool:
+        with suppress(OSError, ValueError):
+            return bool(json.loads(lock_path(out).read_text()).get("run_id"))
+        return False
+
+    proc = _start("import sys; from ran.cli import app; sys.exit(app())", *args,
+                  stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        _wait_for(lambda: recorded() or proc.poll() is not None, 120, f"{stage} to get going")
+        assert proc.poll() is None, f"{stage} ended before it was killed: {proc.stderr.read()}"
+        _kill9(proc)
+        (killed,) = _mlflow_runs(stage)
+        assert killed.info.status == "RUNNING" and not out.exists()
+        again = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-2000:]
+    finally:
+        _kill_group(proc)
+    statuses = {run.info.run_id: run.info.status for run in _mlflow_runs(stage)}
+    assert statuses.pop(killed.info.run_id) == "KILLED"
+    assert list(statuses.values()) == ["FINISHED"]
+    assert (out / ("labels.npy" if stage == "noise" else "metrics.json")).is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{stage}")] == []

@@ -62,7 +62,7 @@ def test_dvc_repro_runs_the_pipeline_once_and_reruns_on_param_change(project: tu
 
     repo, env = project
     first = _run([str(BIN / "dvc"), "repro"], repo, env)
-    for stage in ("ingest", "train", "evaluate"):
+    for stage in ("ingest", "noise", "train", "evaluate"):
         assert f"Running stage '{stage}'" in first.stdout
     assert "profile auto → quick (no GPU found)" in first.stderr
     meta = json.loads((repo / "data/ingest/meta.json").read_text())
@@ -82,13 +82,15 @@ def test_dvc_repro_runs_the_pipeline_once_and_reruns_on_param_change(project: tu
     changed = _run([str(BIN / "dvc"), "exp", "run", "-S", "quick.train.lr=0.05"], repo, env)
     assert "Running stage 'train'" in changed.stdout
     assert "Running stage 'ingest'" not in changed.stdout
+    assert "Running stage 'noise'" not in changed.stdout
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("residual-attention").experiment_id])
     by_stage = {}
     for run in runs:
         by_stage.setdefault(run.data.tags["dvc.stage"], []).append(run)
-    assert {k: len(v) for k, v in by_stage.items()} == {"ingest": 1, "train": 2, "evaluate": 2}
+    counts = {stage: len(stage_runs) for stage, stage_runs in by_stage.items()}
+    assert counts == {"ingest": 1, "noise": 1, "train": 2, "evaluate": 2}
     assert {r.data.params["lr"] for r in by_stage["train"]} == {"0.2", "0.05"}
     head = _run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
     assert {r.data.tags["git_commit"] for r in runs} == {head}
@@ -101,6 +103,9 @@ def test_dvc_repro_runs_the_pipeline_once_and_reruns_on_param_change(project: tu
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     ingest_md5 = lock["stages"]["ingest"]["outs"][0]["md5"]
     assert first_train.data.tags["dvc.input.data/ingest"] == ingest_md5
+    noise_md5 = lock["stages"]["noise"]["outs"][0]["md5"]  # train uses data/noise/labels.npy
+    assert first_train.data.tags["dvc.input.data/noise"] == noise_md5
+    assert by_stage["noise"][0].data.params["kind"] == "none"
     assert first_eval.data.tags["train_run_id"] == first_train.info.run_id
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from functools import partial
@@ -34,7 +32,7 @@ from ran.data.beton import (
 from ran.data.scan import ScanResult, scan_split
 from ran.data.sources import SourceData, read_source, sha256_file
 from ran.errors import RanError
-from ran.outputs import OutputClaim, claim_output
+from ran.outputs import OutputClaim, claim_output, publish_dir, temporary_sibling
 
 SPLITS = ("train", "val")
 OUTPUTS = ("train.beton", "val.beton", "meta.json", "manifest.parquet", "validation.json")
@@ -114,26 +112,6 @@ def _source_digest(data: SourceData, manifest: Any) -> str:
     return digest.hexdigest()
 
 
-def _make_tmp_dir(out: Path, kind: str) -> Path:
-    """A hidden sibling of ``out`` (same file system, so the final rename is atomic)."""
-    path = Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o777 & ~umask)  # mkdtemp's 0700 would leak into the published folder
-    return path
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move ``tmp`` to ``out``, replacing what was there, with one rename for the new data."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
-
-
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, default=str) + "\n")
 
@@ -147,7 +125,7 @@ def ingest(params: IngestParams, out: Path) -> dict[str, Any]:
     from ran.data.validate import validate_manifest
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_tmp_dir(out, "tmp")
+    tmp = temporary_sibling(out, "tmp")
     try:
         work = tmp / "work"  # extractions; downloads go to the cache, kept between runs
         data = read_source(
@@ -184,9 +162,9 @@ def ingest(params: IngestParams, out: Path) -> dict[str, Any]:
         report = validate_manifest(manifest, declared, len(data.classes), params.validation)
         _write_json(tmp / "validation.json", report.as_json())
         if not report.success:
-            failed = _make_tmp_dir(out, "failed")
+            failed = temporary_sibling(out, "failed")
             (tmp / "validation.json").rename(failed / "validation.json")
-            _replace_dir(failed, out)
+            publish_dir(failed, out)
             raise ValidationFailed(
                 f"validation failed: {report.summary()} (full result: {out / 'validation.json'})",
                 out / "validation.json",
@@ -221,7 +199,7 @@ def ingest(params: IngestParams, out: Path) -> dict[str, Any]:
             "validation": {"success": True, "file": "validation.json"},
         }
         _write_json(tmp / "meta.json", meta)
-        _replace_dir(tmp, out)
+        publish_dir(tmp, out)
         return meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
