@@ -107,7 +107,7 @@ def test_real_cifar10_archive(tmp_path: Path) -> None:
     assert meta["num_classes"] == 10
     assert meta["mean"] == pytest.approx([125.3, 122.9, 113.9], abs=0.2)  # CIFAR-10's known mean
     assert json.loads((out / "validation.json").read_text())["success"] is True
-    client = MlflowClient()
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("residual-attention").experiment_id])
     assert [r.data.metrics["train_count"] for r in runs] == [50_000]
     # The noise stage on it: the real 50,000 labels, sampled at the requested rate.

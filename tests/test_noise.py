@@ -4,6 +4,7 @@ files and MLflow run, and training that really learns from the noisy labels."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,8 +99,12 @@ def test_seeded(cifar10_labels: np.ndarray) -> None:
 
 
 def test_kind_none_keeps_every_label(cifar10_labels: np.ndarray) -> None:
+    """The pipeline's default: clean labels, and a report and checks that say so."""
     noisy = corrupt(cifar10_labels, NoiseParams(), CIFAR10)
     assert np.array_equal(noisy, cifar10_labels) and noisy.dtype == np.int64
+    report = noise_report(cifar10_labels, noisy, NoiseParams(), CIFAR10)
+    assert report["achieved_rate"] == 0.0 and report["flipped_records"] == 0
+    assert validate_noise(cifar10_labels, noisy, NoiseParams(), CIFAR10).success
 
 
 def test_validation_catches_a_wrong_draw(cifar10_labels: np.ndarray) -> None:
@@ -124,35 +129,32 @@ def test_validation_catches_a_wrong_draw(cifar10_labels: np.ndarray) -> None:
 def test_bad_parameters_are_one_line_and_write_nothing(
     small_ingest: Path, tmp_path: Path, args: list[str], message: str
 ) -> None:
+    from typer.testing import CliRunner
+
+    from ran.cli import app
+
     out = tmp_path / "noise"
-    result = _cli("noise", "--data", small_ingest, "--out", out, *args)
-    assert result.returncode != 0
+    result = CliRunner().invoke(
+        app, ["noise", "--data", str(small_ingest), "--out", str(out), *args]
+    )
+    assert result.exit_code == 1
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists() and list(tmp_path.glob(".noise*")) == []
 
 
-def test_too_few_records_for_the_tolerance_is_a_clear_error(
-    small_ingest: Path, tmp_path: Path
-) -> None:
-    """200 records sampled at r = 0.3 miss a 0.01 tolerance; exact draws hit it."""
-    out = tmp_path / "noise"
-    result = _cli("noise", "--data", small_ingest, "--out", out, "--kind", "symmetric",
-                  "--rate", "0.3", "--seed", "1")  # fmt: skip
-    assert result.returncode == 1 and "noise.exact true or a wider noise.tolerance" in result.stderr
-    assert not out.exists()
-    result = _cli("noise", "--data", small_ingest, "--out", out, "--kind", "symmetric",
-                  "--rate", "0.3", "--exact")  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["achieved_rate"] == 0.3
-
-
 def test_stage_files_and_mlflow_run(small_ingest: Path, tmp_path: Path) -> None:
+    """200 records sampled at r = 0.3 miss the 0.01 tolerance: a clear error, nothing
+    written. An exact draw hits it, and the stage writes its files and its MLflow run."""
     from mlflow import MlflowClient
 
     out = tmp_path / "noise"
-    result = _cli("noise", "--data", small_ingest, "--out", out, "--kind", "pair", "--rate",
-                  "0.5", "--exact", "--seed", "4")  # fmt: skip
+    common = ["noise", "--data", small_ingest, "--out", out, "--kind", "pair", "--rate", "0.3"]
+    result = _cli(*common, "--seed", "1")
+    assert result.returncode == 1 and "noise.exact true or a wider noise.tolerance" in result.stderr
+    assert not out.exists()
+    result = _cli(*common, "--exact", "--seed", "4")
     assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["achieved_rate"] == 0.3
     assert sorted(p.name for p in out.iterdir()) == [
         "labels.npy", "report.json", "transition.png", "validation.json",
     ]  # fmt: skip
@@ -160,11 +162,15 @@ def test_stage_files_and_mlflow_run(small_ingest: Path, tmp_path: Path) -> None:
     assert labels.dtype == np.int64 and labels.shape == (200,)
     report = json.loads((out / "report.json").read_text())
     assert {"requested_rate", "achieved_rate", "kind", "seed", "transition_matrix"} <= set(report)
-    assert report["achieved_rate"] == 0.5 and report["seed"] == 4
-    client = MlflowClient()
-    (run,) = client.search_runs([client.get_experiment_by_name("residual-attention").experiment_id])
+    assert report["achieved_rate"] == 0.3 and report["seed"] == 4
+    assert [row["flipped"] for row in report["per_class"]] == [6] * 10  # 0.3 × 20
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("residual-attention").experiment_id
+    runs = {run.info.status: run for run in client.search_runs([experiment])}
+    assert set(runs) == {"FAILED", "FINISHED"}  # the refused draw, the exact one
+    run = runs["FINISHED"]
     assert run.info.run_name == "noise" and run.data.params["kind"] == "pair"
-    assert run.data.metrics["achieved_rate"] == 0.5
+    assert run.data.metrics["achieved_rate"] == 0.3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.json", "transition.png", "validation.json"} <= artifacts
     assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["noisy-labels"]
