@@ -409,18 +409,15 @@ def test_stage_killed_halfway_ends_its_run_as_killed(
 ) -> None:
     """``kill -9`` of a stage once its MLflow run is recorded: the next run into the same
     output ends the killed run as KILLED, writes every output and leaves nothing behind."""
-    from conftest import TINY_TRAIN
-
     out = tmp_path / stage
     args = [stage, "--data", str(small_ingest), "--out", str(out), "--experiment", stage]
     if stage == "evaluate":
+        from ran.config import TrainParams
+        from ran.train import train_model
+
         model = tmp_path / "train"
-        trained = subprocess.run(
-            [*CLI, "train", "--data", str(small_ingest), "--out", str(model), *TINY_TRAIN,
-             "--iterations", "2", "--experiment", "setup"],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        assert trained.returncode == 0, trained.stderr[-2000:]
+        tiny = TrainParams(depth=56, width=0.25, batch_size=20, iterations=2, device="cpu")
+        train_model(tiny.model_copy(update={"register_model": False}), small_ingest, model, "x")
         args += ["--model", str(model / "model.pt"), "--masks", "2"]
     else:
         args += ["--kind", "symmetric", "--rate", "0.2", "--exact"]
