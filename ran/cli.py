@@ -155,10 +155,12 @@ def noise(
         str, typer.Option(help="MLflow experiment")
     ] = TrackingParams.model_fields["experiment"].default,
 ) -> None:
-    """Make the train split's labels noisy: OUT/labels.npy (int64, one per train record, in
-    record-index order; `ran-cli train --labels` reads it), OUT/report.json (requested and
-    achieved rate, transition matrix, per-class flips), OUT/transition.png; validated with
-    Great Expectations and logged to MLflow. The images are not copied."""
+    """Make the train split's labels noisy, for `ran-cli train --labels`.
+
+    Writes OUT/labels.npy (int64, one label per train record, in record-index order),
+    OUT/report.json (requested and achieved rate, transition matrix, per-class flips) and
+    OUT/transition.png; validated with Great Expectations and logged to MLflow. The images
+    are not copied."""
     from ran.noise import tracked_noise
 
     params = parse(NoiseParams, values, "noise")
@@ -232,8 +234,10 @@ def evaluate(
         str, typer.Option(help="MLflow experiment")
     ] = TrackingParams.model_fields["experiment"].default,
 ) -> None:
-    """Score a trained model on the test split: top-1/top-5, per-class accuracy, confusion
-    matrix and attention-mask figures into OUT, logged to MLflow beside the training run."""
+    """Score a trained model on the test split (val.beton).
+
+    Writes top-1/top-5, per-class accuracy, the confusion matrix and attention-mask figures
+    into OUT, logged to MLflow beside the training run."""
     from ran.evaluate import tracked_evaluate
 
     params = parse(EvaluateParams, values, "evaluate")
