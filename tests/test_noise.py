@@ -194,10 +194,14 @@ def test_training_learns_the_flipped_mapping(tmp_path: Path) -> None:
             for n in range(count):
                 pixels = np.clip(colour + rng.normal(0, 8, (32, 32, 3)), 0, 255)
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{n}.png")
+    from ran.config import IngestParams
+    from ran.data.ingest import ingest
+    from ran.noise import make_noisy_labels
+
     data, noise = tmp_path / "ingest", tmp_path / "noise"
+    ingest(IngestParams(dataset="imagefolder", source=tmp_path / "tree"), data)
+    make_noisy_labels(NoiseParams(kind="pair", rate=1.0), data, noise)
     steps = [
-        ["ingest", "--dataset", "imagefolder", "--source", tmp_path / "tree", "--out", data],
-        ["noise", "--data", data, "--out", noise, "--kind", "pair", "--rate", "1"],
         ["train", "--data", data, "--out", tmp_path / "train", "--labels", noise / "labels.npy",
          *TINY_TRAIN, "--iterations", "80", "--lr", "0.05", "--log-every", "20"],
         ["evaluate", "--model", tmp_path / "train" / "model.pt", "--data", data, "--out",
