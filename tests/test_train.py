@@ -27,6 +27,20 @@ def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+def _refused(*args: object) -> str:
+    """A command that must stop before any work, run in-process (the same error path as the
+    command line, without a new interpreter): its one-line error."""
+    from typer.testing import CliRunner
+
+    from ran.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["state_dict"]
 
@@ -193,10 +207,7 @@ def test_bad_input_is_one_line_and_writes_nothing(
     small_ingest: Path, tmp_path: Path, args: list[str], message: str
 ) -> None:
     out = tmp_path / "train"
-    result = _cli("train", "--data", small_ingest, "--out", out, *TINY_TRAIN, *args, check=False)
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert message in _refused("train", "--data", small_ingest, "--out", out, *TINY_TRAIN, *args)
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -204,18 +215,16 @@ def test_bad_checkpoints_and_labels(small_ingest: Path, tmp_path: Path) -> None:
     out = tmp_path / "train"
     base = ["train", "--data", small_ingest, "--out", out, *TINY_TRAIN, "--iterations", "2"]
     _cli(*base)
-    other = _cli(*base, "--depth", "92", "--resume", check=False)
-    assert other.returncode == 1 and "is of another network (attention56-cifar" in other.stderr
+    assert "is of another network (attention56-cifar" in _refused(
+        *base, "--depth", "92", "--resume"
+    )
     data = (out / "checkpoint-last.pt").read_bytes()
     (out / "checkpoint-last.pt").write_bytes(data[: len(data) // 2])
-    truncated = _cli(*base, "--resume", check=False)
-    assert truncated.returncode == 1 and "unreadable" in truncated.stderr
-    assert len(truncated.stderr.strip().splitlines()) == 1
+    assert "unreadable" in _refused(*base, "--resume")
 
     labels = tmp_path / "labels.npy"
     np.save(labels, np.zeros(199, dtype=np.int64))
-    short = _cli(*base, "--labels", labels, check=False)
-    assert short.returncode == 1 and "has 199 labels but the train split has 200" in short.stderr
+    assert "has 199 labels but the train split has 200" in _refused(*base, "--labels", labels)
 
 
 def test_labels_file_replaces_the_training_labels(small_ingest: Path, tmp_path: Path) -> None:
