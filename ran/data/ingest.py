@@ -124,7 +124,6 @@ def ingest(params: IngestParams, out: Path) -> dict[str, Any]:
     """
     from ran.data.validate import validate_manifest
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(out, "tmp")
     try:
         work = tmp / "work"  # extractions; downloads go to the cache, kept between runs

@@ -64,9 +64,9 @@ def transition_matrix(params: NoiseParams, classes: list[str]) -> np.ndarray:
 def flippable(params: NoiseParams, classes: list[str]) -> np.ndarray:
     """The classes whose records the rate is measured over: those the noise can move (pair
     noise of ``cifar10`` leaves five alone), and every class for ``none`` (rate 0)."""
-    if params.kind == "none":
-        return np.ones(len(classes), dtype=bool)
-    return np.diag(transition_matrix(params.model_copy(update={"rate": 1.0}), classes)) < 1
+    if params.kind == "pair":
+        return pair_targets(classes, params.pairs) != np.arange(len(classes))
+    return np.ones(len(classes), dtype=bool)
 
 
 def corrupt(clean: np.ndarray, params: NoiseParams, classes: list[str]) -> np.ndarray:
