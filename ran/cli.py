@@ -32,7 +32,7 @@ from ran.errors import user_errors
 app = typer.Typer(
     name="ran-cli",
     help="Residual Attention Network pipeline: ingest data, inspect models, add label noise, "
-    "train, evaluate.",
+    "train, evaluate, report the paper's studies.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -243,6 +243,41 @@ def evaluate(
     params = parse(EvaluateParams, values, "evaluate")
     metrics = tracked_evaluate(model, data, out, params, experiment)
     print(json.dumps(metrics))
+
+
+STUDY_NAMES = "noise, arl-nal, attention, mask"
+REPORT_HELP = """Tabulate a study's cells beside the paper's numbers.
+
+Reads the study's finished evaluate runs from MLflow (by their study, cell and profile tags) and writes OUT/report.md (our top-1 error beside the paper's for every cell, whether each row keeps the paper's ordering, the runs' links), OUT/report.png and OUT/results.json, logged to MLflow. A cell without a finished run shows as missing.
+
+Run a study's cells with: dvc repro --keep-going studies/dvc.yaml:STUDY (which also writes this report).
+"""  # noqa: E501 - one line per paragraph: the help formatter wraps them
+
+
+@app.command(help=REPORT_HELP)
+@user_errors
+def report(
+    study: Annotated[str, typer.Argument(help=f"the study: {STUDY_NAMES}")],
+    profile: Annotated[
+        str,
+        typer.Option(help="whose cells: paper | quick | auto (paper with a GPU, else quick)"),
+    ] = "auto",
+    out: Annotated[Path | None, typer.Option(help="output folder (default: reports/STUDY)")] = None,
+    experiment: Annotated[
+        str, typer.Option(help="MLflow experiment")
+    ] = TrackingParams.model_fields["experiment"].default,
+) -> None:
+    import torch
+
+    from ran.config import resolve_profile
+    from ran.studies import get_study
+    from ran.studies.report import tracked_report
+
+    chosen = get_study(study)
+    resolved = resolve_profile(profile, torch.cuda.is_available())
+    folder = out or Path("reports") / chosen.name
+    tracked_report(chosen, experiment, resolved, folder)
+    print((folder / "report.md").read_text(), end="")
 
 
 UI_HELP = (

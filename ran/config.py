@@ -252,8 +252,22 @@ def profile_values(section: str, profile: str, path: Path = PARAMS_FILE) -> dict
 
 
 def profiled_section(
-    section: str, model: type[Model], profile: str, path: Path = PARAMS_FILE
+    section: str,
+    model: type[Model],
+    profile: str,
+    path: Path = PARAMS_FILE,
+    *overlays: dict,
 ) -> Model:
-    """``params.yaml``'s ``section``, with the profile's overlay laid over it."""
-    values = dict(_read_params(path).get(section) or {})
-    return parse(model, {**values, **profile_values(section, profile, path)}, section)
+    """``params.yaml``'s ``section``, with the profile's overlay laid over it, then
+    ``overlays`` in order (a study's settings, a cell's)."""
+    values = {**(_read_params(path).get(section) or {}), **profile_values(section, profile, path)}
+    for overlay in overlays:
+        values |= overlay
+    return parse(model, values, section)
+
+
+def study_overlay(section: str, profile: str, path: Path = PARAMS_FILE) -> dict:
+    """``params.yaml``'s ``studies.<profile>.<section>``: what every study cell of that
+    profile changes in ``section`` (the quick profile's shorter runs, for instance)."""
+    studies = _read_params(path).get("studies") or {}
+    return dict((studies.get(profile) or {}).get(section) or {})

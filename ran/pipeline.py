@@ -50,25 +50,34 @@ def pipeline_id() -> str | None:
     return None
 
 
-def input_hashes(stage: str) -> dict[str, str]:
-    """The md5 DVC recorded in dvc.lock for each output of an earlier stage that ``stage``
-    depends on, whole or in part (those outputs are locked before this stage starts)."""
-    if not (LOCK_FILE.is_file() and STAGES_FILE.is_file()):
+def stage_deps(stage: str) -> list[str]:
+    """The dependencies ``dvc.yaml`` declares for ``stage``."""
+    if not STAGES_FILE.is_file():
+        return []
+    stages = (yaml.safe_load(STAGES_FILE.read_text()) or {}).get("stages", {})
+    return [str(d) for d in stages.get(stage, {}).get("deps", [])]
+
+
+def input_hashes(deps: list[str]) -> dict[str, str]:
+    """The md5 DVC recorded in dvc.lock for each output of an earlier stage that ``deps``
+    name, whole or in part (those outputs are locked before a stage using them starts)."""
+    if not LOCK_FILE.is_file():
         return {}
-    deps = (yaml.safe_load(STAGES_FILE.read_text()) or {}).get("stages", {}).get(stage, {})
-    wanted = {str(d) for d in deps.get("deps", [])}
     hashes = {}
     for locked in ((yaml.safe_load(LOCK_FILE.read_text()) or {}).get("stages") or {}).values():
         for out in locked.get("outs", []):
             path = out.get("path")
-            used = any(dep == path or dep.startswith(f"{path}/") for dep in wanted)
+            used = any(dep == path or dep.startswith(f"{path}/") for dep in deps)
             if used and out.get("md5"):
                 hashes[path] = out["md5"]
     return hashes
 
 
-def stage_tags(stage: str) -> dict[str, str]:
-    tags = {f"dvc.input.{path}": md5 for path, md5 in input_hashes(stage).items()}
+def stage_tags(stage: str, deps: list[str] | None = None) -> dict[str, str]:
+    """The MLflow tags of a DVC stage's run: the data versions it read (``deps``, default
+    its ``dvc.yaml`` dependencies) and the pipeline execution it belongs to."""
+    used = stage_deps(stage) if deps is None else deps
+    tags = {f"dvc.input.{path}": md5 for path, md5 in input_hashes(used).items()}
     pipeline = pipeline_id()
     if pipeline:
         tags["pipeline"] = pipeline

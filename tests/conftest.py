@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tarfile
 import time
 import urllib.request
@@ -17,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the environment the tests run in (.venv/bin)
 SHARED_DATA = Path(os.environ.get("RAN_SHARED_DATA", REPO.parent / "shared" / "data"))
 CIFAR10_JPEG = SHARED_DATA / "cifar10-jpeg.tar.gz"
 IMAGENET_SAMPLE = SHARED_DATA / "imagenet-sample.tar.gz"
@@ -165,3 +168,42 @@ def serving(
                 break
             except subprocess.TimeoutExpired:
                 continue
+
+
+# The quick profile, shrunk to a few steps of a width-0.25 network for the tests.
+TINY_QUICK = {"width": 0.25, "iterations": 4, "batch_size": 20, "checkpoint_every": 2}
+TINY_QUICK |= {"log_every": 2}
+
+
+def run_ok(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture
+def project(tmp_path: Path, cifar10_small: Path, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """A fresh git + DVC checkout of this project, its ingest source set to real images."""
+    repo = tmp_path / "repo"
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    for name in filter(None, tracked):
+        if (REPO / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, repo / name)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["ingest"]["source"] = str(cifar10_small)
+    params["quick"]["train"].update(TINY_QUICK)
+    params["quick"]["evaluate"].update(masks=2)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / ".venv").symlink_to(BIN.parent)  # the README's set-up, done once for all tests
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the embedded default at the repo root
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    for args in (
+        ["git", "init", "-q", "-b", "main"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+    ):
+        run_ok(args, repo, env)
+    return repo, env

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -12,56 +11,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port, serving
+from conftest import BIN, free_port, run_ok, serving
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.slow
-# The quick profile, shrunk to a few steps of a width-0.25 network for the tests.
-TINY_QUICK = {"width": 0.25, "iterations": 4, "batch_size": 20, "checkpoint_every": 2}
-TINY_QUICK |= {"log_every": 2}
-
-
-def _run(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-@pytest.fixture
-def project(tmp_path: Path, cifar10_small: Path, monkeypatch: pytest.MonkeyPatch) -> tuple:
-    """A fresh git + DVC checkout of this project, its ingest source set to real images."""
-    repo = tmp_path / "repo"
-    tracked = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.split("\0")
-    for name in filter(None, tracked):
-        if (REPO / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, repo / name)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["ingest"]["source"] = str(cifar10_small)
-    params["quick"]["train"].update(TINY_QUICK)
-    params["quick"]["evaluate"].update(masks=2)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (repo / ".venv").symlink_to(BIN.parent)  # the README's set-up, done once for all tests
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the embedded default at the repo root
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    for args in (
-        ["git", "init", "-q", "-b", "main"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
-    ):
-        _run(args, repo, env)
-    return repo, env
 
 
 def test_dvc_repro_runs_the_pipeline_once_and_reruns_on_param_change(project: tuple) -> None:
     from mlflow import MlflowClient
 
     repo, env = project
-    first = _run([str(BIN / "dvc"), "repro"], repo, env)
+    first = run_ok([str(BIN / "dvc"), "repro"], repo, env)
     for stage in ("ingest", "noise", "train", "evaluate"):
         assert f"Running stage '{stage}'" in first.stdout
     assert "profile auto → quick (no GPU found)" in first.stderr
@@ -71,15 +32,15 @@ def test_dvc_repro_runs_the_pipeline_once_and_reruns_on_param_change(project: tu
     assert metrics["test_records"] == 50 and metrics["flip"] is True  # the quick profile's
     assert (repo / "dvc.lock").is_file()
 
-    again = _run([str(BIN / "dvc"), "repro"], repo, env)
+    again = run_ok([str(BIN / "dvc"), "repro"], repo, env)
     assert "didn't change" in again.stdout and "Running stage" not in again.stdout
-    shown = _run([str(BIN / "dvc"), "metrics", "show", "--json"], repo, env).stdout
+    shown = run_ok([str(BIN / "dvc"), "metrics", "show", "--json"], repo, env).stdout
     assert '"top1_accuracy"' in shown
-    _run([str(BIN / "dvc"), "plots", "show", "-o", "plots"], repo, env)
+    run_ok([str(BIN / "dvc"), "plots", "show", "-o", "plots"], repo, env)
     page = (repo / "plots" / "index.html").read_text()
     assert "curves.csv" in page and "predictions.csv" in page and "confusion.png" in page
 
-    changed = _run([str(BIN / "dvc"), "exp", "run", "-S", "quick.train.lr=0.05"], repo, env)
+    changed = run_ok([str(BIN / "dvc"), "exp", "run", "-S", "quick.train.lr=0.05"], repo, env)
     assert "Running stage 'train'" in changed.stdout
     assert "Running stage 'ingest'" not in changed.stdout
     assert "Running stage 'noise'" not in changed.stdout
@@ -92,7 +53,7 @@ def test_dvc_repro_runs_the_pipeline_once_and_reruns_on_param_change(project: tu
     counts = {stage: len(stage_runs) for stage, stage_runs in by_stage.items()}
     assert counts == {"ingest": 1, "noise": 1, "train": 2, "evaluate": 2}
     assert {r.data.params["lr"] for r in by_stage["train"]} == {"0.2", "0.05"}
-    head = _run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
+    head = run_ok(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
     assert {r.data.tags["git_commit"] for r in runs} == {head}
     assert {r.data.tags["git_dirty"] for r in by_stage["ingest"]} == {"false"}
     # One repro's runs share a pipeline tag; train's input hash is the one dvc.lock recorded.

@@ -1,0 +1,211 @@
+"""A study's report: its cells' evaluate runs, found in MLflow by tag, as a table and a plot
+in the paper's shape, our top-1 error beside the paper's for every cell.
+
+A cell with no finished run shows as missing: the report never fills a hole. Each row says
+whether it reproduced the paper's ordering (the study's first column best).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ran.outputs import staged_output
+from ran.studies.tables import Study
+
+UI = "http://127.0.0.1:5000"  # where `ran-cli ui` serves a local store
+OUTPUTS = ("report.md", "report.png", "results.json")
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """A cell's newest finished evaluate run (``error`` in %), or ``None`` fields if none."""
+
+    error: float | None
+    run_id: str | None
+    link: str | None
+
+
+def _run_link(uri: str, experiment_id: str, run_id: str) -> str:
+    base = uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else UI
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def collect(study: Study, experiment: str, profile: str) -> dict[str, CellResult]:
+    """For every cell of ``study``, the newest FINISHED evaluate run tagged with the study,
+    the cell and ``profile`` in ``experiment``."""
+    from mlflow import MlflowClient
+
+    from ran.tracking import tracking_uri
+
+    uri = tracking_uri()
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = []
+    if found is not None:
+        runs = client.search_runs(
+            [found.experiment_id],
+            filter_string=(
+                f"tags.study = '{study.name}' AND tags.stage = 'evaluate' AND "
+                f"tags.`study.profile` = '{profile}' AND attributes.status = 'FINISHED'"
+            ),
+            order_by=["attributes.start_time DESC"],
+            max_results=10_000,
+        )
+    results = {cell.name: CellResult(None, None, None) for cell in study.cells}
+    for run in runs:
+        name = run.data.tags.get("study.cell")
+        error = run.data.metrics.get("top1_error_pct")
+        if name in results and results[name].run_id is None and error is not None:
+            link = _run_link(uri, run.info.experiment_id, run.info.run_id)
+            results[name] = CellResult(error, run.info.run_id, link)
+    return results
+
+
+def _fmt(value: float | None) -> str:
+    return "missing" if value is None else f"{value:.2f}"
+
+
+def ordering(study: Study, results: dict[str, CellResult]) -> list[bool | None]:
+    """Per row: does its first column have the lowest error, as in the paper? ``None``
+    where a cell of the row is missing."""
+    verdicts = []
+    for r in range(len(study.rows)):
+        row = study.cells[r * len(study.columns) : (r + 1) * len(study.columns)]
+        errors = [results[cell.name].error for cell in row]
+        if any(e is None for e in errors):
+            verdicts.append(None)
+        else:
+            verdicts.append(all(errors[0] < e for e in errors[1:]))
+    return verdicts
+
+
+def markdown(study: Study, results: dict[str, CellResult], profile: str) -> str:
+    """The table (ours | paper per column, and the ordering verdict per row), then links."""
+    columns = [c.label for c in study.columns]
+    header = [study.row_label]
+    for label in columns:
+        header += [f"{label}: ours", f"{label}: paper"]
+    header.append("paper's ordering")
+    lines = [
+        f"# {study.title}",
+        "",
+        f"Study `{study.name}`, profile `{profile}`; paper: {study.source}. "
+        f"The paper's claim: {study.claim}.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + " |",
+    ]
+    verdicts = ordering(study, results)
+    cells = iter(study.cells)
+    for row, verdict in zip(study.rows, verdicts, strict=True):
+        values = [row.label]
+        for _ in columns:
+            cell = next(cells)
+            values += [_fmt(results[cell.name].error), _fmt(cell.paper_error)]
+        values.append({True: "holds", False: "does not hold", None: "missing cells"}[verdict])
+        lines.append("| " + " | ".join(values) + " |")
+    held = sum(v is True for v in verdicts)
+    complete = sum(v is not None for v in verdicts)
+    lines += ["", f"The paper's ordering holds in {held} of {complete} complete rows."]
+    lines += ["", "Runs (evaluate; its training run is linked from it):", ""]
+    for cell in study.cells:
+        result = results[cell.name]
+        where = f"[{result.run_id}]({result.link})" if result.link else "missing"
+        lines.append(f"- `{cell.name}` ({cell.row}, {cell.column}): {where}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(study: Study, results: dict[str, CellResult], profile: str, path: Path) -> None:
+    """Grouped bars: per row, each column's error (ours filled, the paper's outlined);
+    a missing cell has no filled bar and is labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n_rows, n_cols = len(study.rows), len(study.columns)
+    width = 0.8 / n_cols
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * n_rows * n_cols / 2 + 2), 4))
+    x = np.arange(n_rows)
+    for c, column in enumerate(study.columns):
+        cells = [study.cells[r * n_cols + c] for r in range(n_rows)]
+        ours = [results[cell.name].error for cell in cells]
+        paper = [cell.paper_error or 0.0 for cell in cells]
+        offset = x - 0.4 + width * (c + 0.5)
+        colour = f"C{c}"
+        ax.bar(
+            offset, [e or 0.0 for e in ours], width, color=colour, label=f"{column.label} (ours)"
+        )
+        ax.bar(offset, paper, width, fill=False, edgecolor=colour, linestyle="--", linewidth=1.5)
+        for xi, error in zip(offset, ours, strict=True):
+            if error is None:
+                ax.text(xi, 0.5, "missing", rotation=90, ha="center", va="bottom", fontsize=8)
+    ax.bar([], [], fill=False, edgecolor="black", linestyle="--", label="paper (dashed outline)")
+    ax.set_xticks(x, [row.label for row in study.rows])
+    ax.set_xlabel(study.row_label)
+    ax.set_ylabel("top-1 error (%)")
+    ax.set_title(f"{study.title}\nprofile {profile}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def results_json(study: Study, results: dict[str, CellResult]) -> dict[str, Any]:
+    """DVC's metrics file: every cell's error (null when missing) beside the paper's."""
+    verdicts = ordering(study, results)
+    return {
+        "cells": {
+            cell.name: {
+                "top1_error_pct": results[cell.name].error,
+                "paper_top1_error_pct": cell.paper_error,
+                "run_id": results[cell.name].run_id,
+            }
+            for cell in study.cells
+        },
+        "missing_cells": sum(r.error is None for r in results.values()),
+        "ordering_holds": sum(v is True for v in verdicts),
+        "complete_rows": sum(v is not None for v in verdicts),
+    }
+
+
+def write_report(study: Study, experiment: str, profile: str, out: Path) -> dict[str, Any]:
+    """Collect the study's runs and write ``out/{report.md, report.png, results.json}``
+    (all or nothing); returns ``results.json``."""
+    results = collect(study, experiment, profile)
+    summary = results_json(study, results)
+    with staged_output(out) as tmp:
+        (tmp / "report.md").write_text(markdown(study, results, profile))
+        plot(study, results, profile, tmp / "report.png")
+        (tmp / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def tracked_report(
+    study: Study,
+    experiment: str,
+    profile: str,
+    out: Path,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """:func:`write_report` inside an MLflow run (``stage`` report, tagged with the study),
+    its files logged as artifacts."""
+    import mlflow
+
+    from ran.tracking import stage_run
+
+    logged = {"study": study.name, "profile": profile, "out": str(out)}
+    run_tags = {**(tags or {}), "study": study.name, "study.profile": profile}
+    with stage_run("report", experiment, logged, tags=run_tags):
+        summary = write_report(study, experiment, profile, out)
+        mlflow.log_metrics(
+            {k: float(summary[k]) for k in ("missing_cells", "ordering_holds", "complete_rows")}
+        )
+        for name in OUTPUTS:
+            mlflow.log_artifact(str(out / name))
+    return summary

@@ -1,0 +1,172 @@
+"""The paper's studies: their grids, a cell's parameters, the report, and a whole study run
+by DVC in a temporary repository."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import BIN, REPO, run_ok
+
+from ran.config import EvaluateParams, NoiseParams, TrainParams
+from ran.errors import RanError
+from ran.studies import STUDIES, get_study
+from ran.studies.cell import cell_params
+from ran.studies.report import write_report
+
+
+def test_dvc_matrix_lists_every_cell_of_every_study() -> None:
+    stages = yaml.safe_load((REPO / "studies/dvc.yaml").read_text())["stages"]
+    for name, study in STUDIES.items():
+        assert stages[f"{name}-cell"]["matrix"]["cell"] == [c.name for c in study.cells]
+        assert stages[f"{name}-cell"]["cmd"] == f"python pipeline/study.py {name} ${{item.cell}}"
+        assert stages[name]["cmd"] == f"python pipeline/report.py {name}"
+
+
+def test_grids_have_the_papers_shape_and_numbers() -> None:
+    noise = get_study("noise")
+    assert len(noise.cells) == 8
+    cell = noise.cell("r70-resnet164")
+    assert cell.setting["noise"] == {"kind": "symmetric", "rate": 0.7}
+    assert cell.setting["train"] == {"family": "resnet", "depth": 164}
+    assert cell.paper_error == 17.21 and noise.cell("r70-attention92").paper_error == 15.75
+    nal164 = get_study("arl-nal").cell("attention164-nal")
+    assert nal164.setting["train"]["learning"] == "nal" and nal164.paper_error == 7.18
+    assert nal164.setting["noise"]["kind"] == "none"  # the ablations train on clean labels
+    assert [c.paper_error for c in get_study("attention").cells] == [5.52, 6.24, 6.33]
+    assert [c.paper_error for c in get_study("mask").cells] == [5.52, 6.48]
+    with pytest.raises(RanError, match="valid studies: noise, arl-nal, attention, mask"):
+        get_study("table9")
+    with pytest.raises(RanError, match="no cell 'r20-attention92'"):
+        noise.cell("r20-attention92")
+
+
+def test_cell_parameters_layer_profile_study_and_cell(tmp_path: Path) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["noise"]["seed"] = 7
+    params["studies"]["quick"]["train"]["iterations"] = 123
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    cell = get_study("noise").cell("r30-resnet164")
+    noise, train, evaluate = cell_params(cell, "quick", path)
+    assert isinstance(noise, NoiseParams) and (noise.kind, noise.rate, noise.seed) == (
+        "symmetric",
+        0.3,
+        7,
+    )
+    assert isinstance(train, TrainParams)
+    assert (train.family, train.depth, train.iterations) == ("resnet", 164, 123)  # cell, study
+    assert train.width == params["quick"]["train"]["width"]  # the quick profile
+    assert train.register_model is False
+    assert isinstance(evaluate, EvaluateParams) and evaluate.flip is True
+    _, paper, _ = cell_params(cell, "paper", path)
+    assert (paper.iterations, paper.width, paper.depth) == (None, 1.0, 164)
+
+
+def _finished_evaluate(experiment: str, tags: dict, error: float) -> str:
+    """A real MLflow run as a cell's evaluate stage leaves it (the report's input)."""
+    import mlflow
+
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name="evaluate", tags={"stage": "evaluate", **tags}) as run:
+        mlflow.log_metric("top1_error_pct", error)
+    return run.info.run_id
+
+
+def test_report_shows_missing_cells_as_missing(tmp_path: Path) -> None:
+    import mlflow
+
+    from ran.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    study = get_study("mask")
+    base = {"study": "mask", "study.profile": "quick"}
+    _finished_evaluate("e", {**base, "study.cell": "attention56-encoder-decoder"}, 40.0)
+    newest = _finished_evaluate("e", {**base, "study.cell": "attention56-encoder-decoder"}, 30.0)
+    _finished_evaluate(
+        "e", {**base, "study.profile": "paper", "study.cell": "attention56-local"}, 1
+    )
+    summary = write_report(study, "e", "quick", tmp_path / "out")
+    assert summary["cells"]["attention56-encoder-decoder"]["top1_error_pct"] == 30.0
+    assert summary["cells"]["attention56-encoder-decoder"]["run_id"] == newest
+    assert summary["cells"]["attention56-local"]["top1_error_pct"] is None  # paper-profile run
+    assert summary["missing_cells"] == 1 and summary["complete_rows"] == 0
+    table = (tmp_path / "out/report.md").read_text()
+    assert "| Attention-56 | 30.00 | 5.52 | missing | 6.48 | missing cells |" in table
+    assert (
+        f"/runs/{newest})" in table
+        and "`attention56-local` (Attention-56, local convolutions): missing" in table
+    )
+    assert (tmp_path / "out/report.png").stat().st_size > 0
+
+    _finished_evaluate("e", {**base, "study.cell": "attention56-local"}, 35.0)
+    summary = write_report(study, "e", "quick", tmp_path / "out")
+    assert summary["ordering_holds"] == 1 and summary["missing_cells"] == 0
+    assert "| 30.00 | 5.52 | 35.00 | 6.48 | holds |" in (tmp_path / "out/report.md").read_text()
+
+
+# A study cell in the tests: four steps of a width-0.25 network on 200 real CIFAR-10 images;
+# exact noise, since 20 records per class cannot hit a sampled rate within 1 %.
+TINY_STUDY = {"train": {"iterations": 4, "register_model": False}}
+
+
+@pytest.mark.slow
+def test_noise_study_runs_in_dvc_resumes_and_reports_every_cell(project: tuple) -> None:
+    """All eight cells through ``dvc repro --keep-going``; a cell that fails (a corrupt
+    checkpoint) does not stop the others, the report shows it missing, and the next run
+    re-runs only that cell."""
+    from mlflow import MlflowClient
+
+    repo, env = project
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["studies"]["quick"] = TINY_STUDY
+    params["noise"]["exact"] = True
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    broken = repo / "data/studies/noise/r30-resnet164/train/checkpoint-last.pt"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a checkpoint")
+    dvc = [str(BIN / "dvc"), "repro", "--keep-going", "studies/dvc.yaml:noise"]
+    import subprocess
+
+    first = subprocess.run(dvc, cwd=repo, env=env, capture_output=True, text=True)
+    assert first.returncode != 0
+    assert "r30-resnet164" in first.stderr and "checkpoint" in first.stderr
+    run_ok([str(BIN / "python"), "-m", "ran.cli", "report", "noise"], repo, env)
+    results = json.loads((repo / "reports/noise/results.json").read_text())
+    assert results["missing_cells"] == 1
+    assert results["cells"]["r30-resnet164"]["top1_error_pct"] is None
+    assert results["cells"]["r10-attention92"]["top1_error_pct"] is not None
+
+    broken.unlink()
+    second = run_ok(dvc, repo, env)
+    ran = [line for line in second.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == [
+        "Running stage 'studies/dvc.yaml:noise-cell@r30-resnet164':",
+        "Running stage 'studies/dvc.yaml:noise':",
+    ]
+    results = json.loads((repo / "reports/noise/results.json").read_text())
+    assert results["missing_cells"] == 0 and results["complete_rows"] == 4
+    table = (repo / "reports/noise/report.md").read_text()
+    for cell in get_study("noise").cells:
+        assert f"`{cell.name}` ({cell.row}, {cell.column}): [" in table
+    assert "| 10% |" in table and "| 5.15 |" in table.replace(" 5.15 ", " 5.15 |")
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("residual-attention").experiment_id
+    runs = client.search_runs(
+        [experiment], "tags.study = 'noise' AND attributes.status = 'FINISHED'"
+    )
+    stages = {}
+    for run in runs:
+        stages.setdefault(run.data.tags["stage"], set()).add(run.data.tags.get("study.cell"))
+    every = {c.name for c in get_study("noise").cells}
+    assert stages["noise"] == stages["train"] == stages["evaluate"] == every
+    train = next(
+        r
+        for r in runs
+        if r.data.tags["stage"] == "train" and r.data.tags["study.cell"] == "r70-resnet164"
+    )
+    assert train.data.params["family"] == "resnet" and train.data.params["depth"] == "164"
+    assert train.data.params["labels"].endswith("data/studies/noise/r70-resnet164/noise/labels.npy")
