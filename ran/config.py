@@ -216,7 +216,12 @@ class TrainParams(_Params):
     log_every: int = Field(50, ge=1, description="iterations between logged metrics")
     num_workers: int = Field(2, ge=1, description="FFCV loader threads")
     seed: int = Field(0, description="seeds weights, order, augmentation and hold-out")
-    register_model: bool = Field(True, description="register the model in MLflow's registry")
+    log_model: bool = Field(
+        True, description="log the final network to the run as an MLflow model (pt2)"
+    )
+    register_model: bool = Field(
+        True, description="register the logged model in MLflow's registry (needs log_model)"
+    )
 
 
 class EvaluateParams(_Params):

@@ -176,6 +176,11 @@ def test_failed_ingest_marks_the_run_failed(small_tree: Path, tmp_path: Path) ->
     assert run.info.status == "FAILED"
 
 
+def _hung(signum: int, frame: object) -> None:
+    """SIGALRM's handler: fail the test that hung, not the whole run (the default kills it)."""
+    raise TimeoutError("no answer within 300 s: hung")
+
+
 def test_writer_failure_is_an_error_not_a_hang(cifar10_small: Path, tmp_path: Path) -> None:
     """A source file that vanishes after the decode pass kills FFCV's writer process."""
     import signal
@@ -186,6 +191,7 @@ def test_writer_failure_is_an_error_not_a_hang(cifar10_small: Path, tmp_path: Pa
     files = ["train/cat/0000.jpg", "train/cat/missing.jpg", "train/cat/0001.jpg"]
     split = FileSplit(cifar10_small, files, np.zeros(3, dtype=np.int64))
     settings = WriteSettings("raw", 500, 90, 0.5, seed=0)
+    signal.signal(signal.SIGALRM, _hung)
     signal.alarm(300)  # a regression would hang: fail the test instead
     try:
         with pytest.raises(RanError, match=r"writing train\.beton failed"):
@@ -207,6 +213,7 @@ def test_large_raw_images_get_pages_that_fit(imagenet_tree: Path, tmp_path: Path
             with Image.open(image) as img:
                 img.convert("RGB").resize((side, side)).save(root / split / f"c{n}" / "a.png")
     params = IngestParams(dataset="imagefolder", source=root, write_mode="raw", max_resolution=2000)
+    signal.signal(signal.SIGALRM, _hung)
     signal.alarm(300)  # a regression would hang: fail the test instead
     try:
         meta = ingest(params, tmp_path / "out")

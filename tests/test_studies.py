@@ -59,7 +59,7 @@ def test_cell_parameters_layer_profile_study_and_cell(tmp_path: Path) -> None:
     assert isinstance(train, TrainParams)
     assert (train.family, train.depth, train.iterations) == ("resnet", 164, 123)  # cell, study
     assert train.width == params["quick"]["train"]["width"]  # the quick profile
-    assert train.register_model is False
+    assert train.log_model is False  # a cell keeps model.pt in DVC's cache
     assert isinstance(evaluate, EvaluateParams) and evaluate.flip is True
     _, paper, _ = cell_params(cell, "paper", path)
     assert (paper.iterations, paper.width, paper.depth) == (None, 1.0, 164)
@@ -109,7 +109,7 @@ def test_report_shows_missing_cells_as_missing(tmp_path: Path) -> None:
 
 # A study cell in the tests: four steps of a width-0.25 network on 200 real CIFAR-10 images;
 # exact noise, since 20 records per class cannot hit a sampled rate within 1 %.
-TINY_STUDY = {"train": {"iterations": 4, "register_model": False}}
+TINY_STUDY = {"train": {"iterations": 4, "log_model": False}}
 
 
 @pytest.mark.slow
@@ -169,4 +169,18 @@ def test_noise_study_runs_in_dvc_resumes_and_reports_every_cell(project: tuple) 
         if r.data.tags["stage"] == "train" and r.data.tags["study.cell"] == "r70-resnet164"
     )
     assert train.data.params["family"] == "resnet" and train.data.params["depth"] == "164"
+    assert not client.search_logged_models([experiment])  # log_model false: none logged
     assert train.data.params["labels"].endswith("data/studies/noise/r70-resnet164/noise/labels.npy")
+
+
+def test_report_of_an_unknown_study_is_one_line_error(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ran.cli import app
+
+    result = CliRunner().invoke(app, ["report", "table9", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown study 'table9'; valid studies: noise, arl-nal, attention, mask"
+    ]
+    assert not (tmp_path / "out").exists()

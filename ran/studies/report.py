@@ -120,8 +120,8 @@ def markdown(study: Study, results: dict[str, CellResult], profile: str) -> str:
 
 
 def plot(study: Study, results: dict[str, CellResult], profile: str, path: Path) -> None:
-    """Grouped bars: per row, each column's error (ours filled, the paper's outlined);
-    a missing cell has no filled bar and is labelled."""
+    """Grouped bars: per row, each column's error (ours), the paper's as a black bar-wide
+    tick over it; a missing cell has no bar and is labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,27 +130,24 @@ def plot(study: Study, results: dict[str, CellResult], profile: str, path: Path)
 
     n_rows, n_cols = len(study.rows), len(study.columns)
     width = 0.8 / n_cols
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * n_rows * n_cols / 2 + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.2 * n_rows * n_cols + 4), 4))
     x = np.arange(n_rows)
     for c, column in enumerate(study.columns):
         cells = [study.cells[r * n_cols + c] for r in range(n_rows)]
         ours = [results[cell.name].error for cell in cells]
-        paper = [cell.paper_error or 0.0 for cell in cells]
         offset = x - 0.4 + width * (c + 0.5)
-        colour = f"C{c}"
-        ax.bar(
-            offset, [e or 0.0 for e in ours], width, color=colour, label=f"{column.label} (ours)"
-        )
-        ax.bar(offset, paper, width, fill=False, edgecolor=colour, linestyle="--", linewidth=1.5)
-        for xi, error in zip(offset, ours, strict=True):
-            if error is None:
-                ax.text(xi, 0.5, "missing", rotation=90, ha="center", va="bottom", fontsize=8)
-    ax.bar([], [], fill=False, edgecolor="black", linestyle="--", label="paper (dashed outline)")
+        bars = ax.bar(offset, [e or 0.0 for e in ours], width * 0.9, color=f"C{c}")
+        bars.set_label(f"{column.label} (ours)")
+        labels = ["missing" if e is None else f"{e:.1f}" for e in ours]
+        ax.bar_label(bars, labels, fontsize=7)
+        paper = [cell.paper_error for cell in cells]
+        ax.hlines(paper, offset - width * 0.45, offset + width * 0.45, colors="black", lw=2)
+    ax.plot([], [], color="black", lw=2, label="paper")
     ax.set_xticks(x, [row.label for row in study.rows])
     ax.set_xlabel(study.row_label)
     ax.set_ylabel("top-1 error (%)")
     ax.set_title(f"{study.title}\nprofile {profile}", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -180,6 +180,9 @@ def _log_model(trainer: Trainer, register: bool) -> None:
         input_example=example,
         registered_model_name=registered_name(trainer) if register else None,
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        # MLflow would load the model back to run the example (a second export's worth of
+        # time per training); the pickle-free load is tested instead (tests/test_pipeline.py).
+        validate_serving_input=False,
     )
     model.to(trainer.ctx.device)
 
@@ -272,7 +275,8 @@ def _main_process(
             for name in (CURVES, HOLDOUT, SUMMARY):
                 if (trainer.out / name).is_file():
                     mlflow.log_artifact(str(trainer.out / name))
-            _log_model(trainer, trainer.params.register_model)
+            if trainer.params.log_model:
+                _log_model(trainer, trainer.params.register_model)
         return summary
 
 
