@@ -4,6 +4,7 @@ by DVC in a temporary repository."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -128,8 +129,6 @@ def test_noise_study_runs_in_dvc_resumes_and_reports_every_cell(project: tuple) 
     broken.parent.mkdir(parents=True)
     broken.write_bytes(b"not a checkpoint")
     dvc = [str(BIN / "dvc"), "repro", "--keep-going", "studies/dvc.yaml:noise"]
-    import subprocess
-
     first = subprocess.run(dvc, cwd=repo, env=env, capture_output=True, text=True)
     assert first.returncode != 0
     assert "r30-resnet164" in first.stderr and "checkpoint" in first.stderr
@@ -151,7 +150,7 @@ def test_noise_study_runs_in_dvc_resumes_and_reports_every_cell(project: tuple) 
     table = (repo / "reports/noise/report.md").read_text()
     for cell in get_study("noise").cells:
         assert f"`{cell.name}` ({cell.row}, {cell.column}): [" in table
-    assert "| 10% |" in table and "| 5.15 |" in table.replace(" 5.15 ", " 5.15 |")
+    assert "| 10% | " in table and " | 5.15 | " in table and " | 17.21 | " in table
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("residual-attention").experiment_id

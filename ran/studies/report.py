@@ -73,8 +73,7 @@ def ordering(study: Study, results: dict[str, CellResult]) -> list[bool | None]:
     """Per row: does its first column have the lowest error, as in the paper? ``None``
     where a cell of the row is missing."""
     verdicts = []
-    for r in range(len(study.rows)):
-        row = study.cells[r * len(study.columns) : (r + 1) * len(study.columns)]
+    for row in study.grid:
         errors = [results[cell.name].error for cell in row]
         if any(e is None for e in errors):
             verdicts.append(None)
@@ -100,11 +99,9 @@ def markdown(study: Study, results: dict[str, CellResult], profile: str) -> str:
         "| " + " | ".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + " |",
     ]
     verdicts = ordering(study, results)
-    cells = iter(study.cells)
-    for row, verdict in zip(study.rows, verdicts, strict=True):
+    for row, cells, verdict in zip(study.rows, study.grid, verdicts, strict=True):
         values = [row.label]
-        for _ in columns:
-            cell = next(cells)
+        for cell in cells:
             values += [_fmt(results[cell.name].error), _fmt(cell.paper_error)]
         values.append({True: "holds", False: "does not hold", None: "missing cells"}[verdict])
         lines.append("| " + " | ".join(values) + " |")
@@ -132,8 +129,9 @@ def plot(study: Study, results: dict[str, CellResult], profile: str, path: Path)
     width = 0.8 / n_cols
     fig, ax = plt.subplots(figsize=(max(6.5, 1.2 * n_rows * n_cols + 4), 4))
     x = np.arange(n_rows)
+    grid = study.grid
     for c, column in enumerate(study.columns):
-        cells = [study.cells[r * n_cols + c] for r in range(n_rows)]
+        cells = [row[c] for row in grid]
         ours = [results[cell.name].error for cell in cells]
         offset = x - 0.4 + width * (c + 0.5)
         bars = ax.bar(offset, [e or 0.0 for e in ours], width * 0.9, color=f"C{c}")

@@ -50,18 +50,25 @@ class Study:
     paper: tuple[tuple[float, ...], ...]  # paper[row][column]: top-1 error (%)
 
     @property
-    def cells(self) -> list[Cell]:
+    def grid(self) -> list[list[Cell]]:
+        """The cells row by row, in the columns' order (the shape of the paper's table)."""
         return [
-            Cell(
-                f"{row.slug}-{column.slug}",
-                row.label,
-                column.label,
-                _merge(row.setting, column.setting),
-                self.paper[r][c],
-            )
+            [
+                Cell(
+                    f"{row.slug}-{column.slug}",
+                    row.label,
+                    column.label,
+                    _merge(row.setting, column.setting),
+                    self.paper[r][c],
+                )
+                for c, column in enumerate(self.columns)
+            ]
             for r, row in enumerate(self.rows)
-            for c, column in enumerate(self.columns)
         ]
+
+    @property
+    def cells(self) -> list[Cell]:
+        return [cell for row in self.grid for cell in row]
 
     def cell(self, name: str) -> Cell:
         for cell in self.cells:
