@@ -183,6 +183,7 @@ def _hung(signum: int, frame: object) -> None:
 
 def test_writer_failure_is_an_error_not_a_hang(cifar10_small: Path, tmp_path: Path) -> None:
     """A source file that vanishes after the decode pass kills FFCV's writer process."""
+    import multiprocessing
     import signal
 
     from ran.data.beton import WriteSettings, write_beton
@@ -191,13 +192,15 @@ def test_writer_failure_is_an_error_not_a_hang(cifar10_small: Path, tmp_path: Pa
     files = ["train/cat/0000.jpg", "train/cat/missing.jpg", "train/cat/0001.jpg"]
     split = FileSplit(cifar10_small, files, np.zeros(3, dtype=np.int64))
     settings = WriteSettings("raw", 500, 90, 0.5, seed=0)
+    children = set(multiprocessing.active_children())
     signal.signal(signal.SIGALRM, _hung)
     signal.alarm(300)  # a regression would hang: fail the test instead
     try:
-        with pytest.raises(RanError, match=r"writing train\.beton failed"):
+        with pytest.raises(RanError, match=r"writing train\.beton failed at train/cat/missing"):
             write_beton(split, np.arange(3), tmp_path / "train.beton", settings, workers=2)
     finally:
         signal.alarm(0)
+    assert set(multiprocessing.active_children()) <= children  # FFCV's writer is gone
 
 
 def test_large_raw_images_get_pages_that_fit(imagenet_tree: Path, tmp_path: Path) -> None:

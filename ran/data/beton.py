@@ -13,10 +13,10 @@ draws from numpy's global RNG, is reseeded per record from ``(seed, index)``.
 
 from __future__ import annotations
 
-import _thread
+import contextlib
 import multiprocessing
-import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,16 +89,16 @@ class _Records:
 
     def _image(self, index: int) -> np.ndarray:
         source = int(self.keep[index])
-        return prepare_image(self.split.load(source), self.settings.max_resolution)
+        try:
+            return prepare_image(self.split.load(source), self.settings.max_resolution)
+        except Exception:
+            self.failed.value = index  # marked where it fails: the main process polls it
+            raise
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
         if self._stream is None or index != self._next:
             self._stream = ordered_map(self._image, range(index, len(self)), self.workers)
-        try:
-            image = next(self._stream)
-        except Exception:
-            self.failed.value = index
-            raise
+        image = next(self._stream)
         self._next = index + 1
         if self._next == len(self):
             self._stream.close()  # stops the decoding processes
@@ -145,8 +145,7 @@ def write_beton(
         TaskProgressColumn(),
         TimeRemainingColumn(elapsed_when_finished=True),
     )  # rich.progress.track's
-    ffcv_tqdm = ffcv.writer.tqdm
-    with Progress(*columns) as progress, _WriterWatchdog(records) as watchdog:
+    with Progress(*columns) as progress:
         task = progress.add_task(f"writing {path.name}", total=len(keep))
 
         class _RichBar:  # what FFCV's writer calls tqdm: total=, update(n), close()
@@ -159,48 +158,72 @@ def write_beton(
             def close(self) -> None:
                 pass
 
-        ffcv.writer.tqdm = _RichBar
+        ffcv_hooks = ffcv.writer.tqdm, ffcv.writer.sleep
+        ffcv.writer.tqdm, ffcv.writer.sleep = _RichBar, _failure_poll(records, path)
         try:
             writer.from_indexed_dataset(records, chunksize=1000)
-        except KeyboardInterrupt:
-            if watchdog.failure is None:
-                raise  # a real Ctrl-C
-            raise RanError(
-                f"writing {path.name} failed at {watchdog.failure} (traceback above); the "
-                "source changed after it was checked: fix it and run again"
-            ) from None
+        except RanError:
+            writer.metadata_sm.close()  # FFCV frees its shared metadata only on success
+            writer.metadata_sm.unlink()
+            raise
         finally:
-            ffcv.writer.tqdm = ffcv_tqdm
+            ffcv.writer.tqdm, ffcv.writer.sleep = ffcv_hooks
 
 
-class _WriterWatchdog:
-    """Interrupts the main thread when FFCV's writer process fails on a record.
+def _failure_poll(records: _Records, path: Path) -> Callable[[float], None]:
+    """A ``sleep`` for FFCV's wait loop that raises when its writer process has failed.
 
-    FFCV's ``DatasetWriter`` polls a shared counter until every record is written; if its
-    process raises (a source file vanished after the decode pass, say) it waits forever.
-    ``_Records`` marks the failing record in shared memory; this thread watches for it.
+    FFCV's ``DatasetWriter`` sleeps in a loop until a shared counter says every record is
+    written; if its writer process dies (a source file vanished after the decode pass, a
+    record larger than a page) it waits forever. This poll, called there instead of
+    ``time.sleep``, sees the record that failed (marked in shared memory by the process
+    that decoded it) or a writer process that exited with an error, and raises in the main
+    thread at a known point, once the writer's processes are gone. (It replaces a watchdog
+    thread that interrupted the main thread: one full test run hung in this path, cause
+    not pinned down, so nothing here relies on threads or on the writer's own teardown.)
     """
+    before = set(multiprocessing.active_children())
 
-    def __init__(self, records: _Records, period: float = 0.2) -> None:
-        self.records, self.period, self.failure = records, period, None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
+    def poll(seconds: float) -> None:
+        time.sleep(seconds)
+        started = set(multiprocessing.active_children()) - before  # reaps exited ones too
+        index = records.failed.value
+        crashed = [p for p in started if p.exitcode not in (None, 0)]
+        if index < 0 and not crashed:
+            return
+        _stop(started)
+        if index < 0:
+            raise RanError(
+                f"writing {path.name} failed: FFCV's writer process exited with code "
+                f"{crashed[0].exitcode} (traceback above)"
+            )
+        raise RanError(
+            f"writing {path.name} failed at {records.split.name(int(records.keep[index]))} "
+            "(traceback above); the source changed after it was checked: fix it and run again"
+        )
 
-    def _watch(self) -> None:
-        while not self._stop.wait(self.period):
-            index = self.records.failed.value
-            if index >= 0:
-                self.failure = self.records.split.name(int(self.records.keep[index]))
-                _thread.interrupt_main()
-                return
+    return poll
 
-    def __enter__(self) -> _WriterWatchdog:
-        self._thread.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+def _stop(processes: set[multiprocessing.process.BaseProcess], grace: float = 5) -> None:
+    """Let FFCV's failed writer processes exit (printing their traceback); terminate any
+    still running after ``grace`` seconds, with the decoders they started."""
+    import psutil
+
+    for process in processes:
+        process.join(grace)
+        if process.exitcode is not None:
+            continue
+        try:
+            decoders = psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            decoders = []
+        process.terminate()
+        for decoder in decoders:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                decoder.terminate()
+        process.join(5)
+        psutil.wait_procs(decoders, timeout=5)
 
 
 def read_records(path: Path) -> dict[str, np.ndarray]:
