@@ -32,7 +32,7 @@ from ran.errors import user_errors
 app = typer.Typer(
     name="ran-cli",
     help="Residual Attention Network pipeline: ingest data, inspect models, add label noise, "
-    "train, evaluate, report the paper's studies.",
+    "train, evaluate, report the paper's studies, predict your own images, serve a model.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -243,6 +243,95 @@ def evaluate(
     params = parse(EvaluateParams, values, "evaluate")
     metrics = tracked_evaluate(model, data, out, params, experiment)
     print(json.dumps(metrics))
+
+
+MODEL_HELP = (
+    "a model.pt, a `ran-cli train` output folder, or an MLflow model: models:/NAME/VERSION, "
+    "models:/NAME@alias, runs:/RUN_ID/model"
+)
+PREDICT_HELP = """Top-k classes of your own images, and where the network looked.
+
+PATH is an image or a folder of images (searched recursively). Images are cut to the network's input the way evaluation's loader does (CIFAR-size networks: the central square resized to 32 px; ImageNet-size: the central 224/256 of the short side), so a test image gets the probabilities evaluation computed for it. Any image PIL reads works: JPEG, PNG, WebP, greyscale, CMYK, palette, 16-bit; EXIF rotation is applied.
+
+--masks DIR writes, per image, each attention module's mask (mean over channels) blended over the image (IMAGE.module-N.png) and all modules side by side (IMAGE.strip.png).
+"""  # noqa: E501 - one line per paragraph: the help formatter wraps them
+
+
+@app.command(help=PREDICT_HELP)
+@user_errors
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="image files and folders", metavar="PATH...")],
+    model: Annotated[str, typer.Option(help=MODEL_HELP)] = "data/train",
+    top: Annotated[int, typer.Option(min=1, help="classes shown per image")] = 5,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help='print [{"file", "labels", "probs"}, ...] instead of a table'),
+    ] = False,
+    masks: Annotated[
+        Path | None, typer.Option(help="folder for the attention-mask overlays (replaced)")
+    ] = None,
+    skip_bad: Annotated[
+        bool, typer.Option(help="go on past missing or unreadable images, listing them")
+    ] = False,
+    flip: Annotated[
+        bool, typer.Option(help="average each image's and its mirror's prediction")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 64,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+) -> None:
+    import sys
+
+    from ran.inference.predict import predict_files
+    from ran.inference.predictor import load_predictor
+    from ran.train.distributed import pick_device
+
+    predictor = load_predictor(model, str(pick_device(device)), flip)
+    result = predict_files(predictor, paths, top, batch_size, skip_bad, masks)
+    if as_json:
+        print(json.dumps(result.rows))
+    else:
+        _print_predictions(result.rows)
+    if result.skipped:
+        print(f"skipped {len(result.skipped)}:", *result.skipped, sep="\n  ", file=sys.stderr)
+
+
+def _print_predictions(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("file", *(f"#{n}" for n in range(1, max(len(r["labels"]) for r in rows) + 1)))
+    table.columns[0].overflow = "fold"  # whole file names, wrapped
+    for row in rows:
+        pairs = zip(row["labels"], row["probs"], strict=True)
+        table.add_row(row["file"], *(f"{label} {prob:.1%}" for label, prob in pairs))
+    Console().print(table)
+
+
+SERVE_HELP = """Serve a model over HTTP on MLflow's scoring protocol, batching concurrent requests.
+
+POST /invocations with {"inputs": ["<base64 image>", ...]} answers {"predictions": [{"labels": [...], "probs": [...]}, ...]}, as `ran-cli predict --json` does for the same files; a body that is not that gets HTTP 400 with {"error": ...}. GET /health answers once the model is loaded. The model is loaded with MLflow's pickle deserialisation refused. Requests arriving within --batch-timeout seconds of each other are scored as one batch (up to --max-batch-size requests): LitServe, one inference worker.
+
+Example: curl -s localhost:8080/invocations -H 'Content-Type: application/json' -d "{\"inputs\": [\"$(base64 -w0 cat.jpg)\"]}"
+"""  # noqa: E501 - one line per paragraph: the help formatter wraps them
+
+
+@app.command(help=SERVE_HELP)
+@user_errors
+def serve(
+    model: Annotated[str, typer.Option(help=MODEL_HELP)],
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8080,
+    host: Annotated[
+        str, typer.Option(help="interface to bind (0.0.0.0 opens it to the network)")
+    ] = "127.0.0.1",
+    max_batch_size: Annotated[int, typer.Option(min=1, help="requests per batch, at most")] = 64,
+    batch_timeout: Annotated[
+        float, typer.Option(min=0, help="seconds a batch waits for more requests")
+    ] = 0.005,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    from ran.serving import serve as run_server
+
+    run_server(model, host, port, device, max_batch_size, batch_timeout)
 
 
 STUDY_NAMES = "noise, arl-nal, attention, mask"

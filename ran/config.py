@@ -217,7 +217,7 @@ class TrainParams(_Params):
     num_workers: int = Field(2, ge=1, description="FFCV loader threads")
     seed: int = Field(0, description="seeds weights, order, augmentation and hold-out")
     log_model: bool = Field(
-        True, description="log the final network to the run as an MLflow model (pt2)"
+        True, description="log the final network to the run as an MLflow image model"
     )
     register_model: bool = Field(
         True, description="register the logged model in MLflow's registry (needs log_model)"

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ran.config import EvaluateParams
-from ran.data.beton import LoaderSpec, make_loader
+from ran.data.beton import LoaderSpec, make_loader, normalize
 from ran.errors import RanError
 from ran.figures import matrix_png
 from ran.outputs import staged_output
@@ -40,19 +40,14 @@ def predict(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``(logits, labels, indices)`` per batch; ``flip`` averages the softmax of each image
     and its mirror (returned as log-probabilities, so argmax and top-k stay meaningful)."""
-    from ran.train.loop import normalize
+    from ran.inference.predictor import class_scores
 
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     with torch.inference_mode(), autocast:
         for images, labels, index in loader:
             x = normalize(images.to(device, non_blocking=True), spec)
-            x = x.contiguous(memory_format=torch.channels_last)
-            logits = model(x).float()
-            if flip:
-                probs = (logits.softmax(1) + model(x.flip(3)).float().softmax(1)) / 2
-                logits = probs.log()
-            yield logits, labels, index
+            yield class_scores(model, x, flip), labels, index
 
 
 def _mask_figures(
@@ -63,8 +58,6 @@ def _mask_figures(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ran.train.loop import normalize
 
     device = next(model.parameters()).device
     with torch.inference_mode():

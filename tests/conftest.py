@@ -130,6 +130,17 @@ def small_ingest(cifar10_small: Path, tmp_path_factory: pytest.TempPathFactory) 
 TINY_TRAIN = ["--depth", "56", "--width", "0.25", "--batch-size", "20", "--device", "cpu"]
 
 
+@pytest.fixture(scope="session")
+def trained_model(small_ingest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny network trained 30 steps on ``small_ingest`` (its predictions are not uniform):
+    the ``ran-cli train`` output folder, read-only; nothing logged to MLflow."""
+    out = tmp_path_factory.mktemp("trained") / "train"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent / 'mlflow.db'}"}
+    args = ["train", "--data", small_ingest, "--out", out, *TINY_TRAIN, "--iterations", "30"]
+    run_ok([sys.executable, "-m", "ran.cli", *map(str, args), "--no-log-model"], REPO, env)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -31,7 +31,9 @@ def test_help_imports_nothing_heavy() -> None:
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("command", ["ingest", "noise", "train", "evaluate", "report"])
+@pytest.mark.parametrize(
+    "command", ["ingest", "noise", "train", "evaluate", "report", "predict", "serve"]
+)
 def test_command_help_imports_nothing_heavy(command: str) -> None:
     code = (
         "import sys; from typer.testing import CliRunner; from ran.cli import app; "

@@ -104,30 +104,33 @@ def test_train_then_evaluate(small_ingest: Path, tmp_path: Path) -> None:
     assert {"metrics.json", "confusion.png", "masks"} <= artifacts
 
 
-def test_registered_model_predicts_without_pickle(small_ingest: Path, tmp_path: Path) -> None:
-    """The registry's model loads in a fresh process with MLflow's pickle refusal on, and
-    predicts what model.pt predicts."""
+def test_registered_model_predicts_without_pickle(
+    small_ingest: Path, cifar10_small: Path, tmp_path: Path
+) -> None:
+    """The registry's model loads in a fresh process with MLflow's pickle refusal on, takes
+    real JPEG bytes, and answers what model.pt's predictor answers for those files."""
+    from ran.inference.predictor import Predictor
+
     out = tmp_path / "train"
     _cli("train", "--data", small_ingest, "--out", out, *TINY_TRAIN, "--iterations", "2")
-    images = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
-    np.save(tmp_path / "images.npy", images)
+    files = sorted((cifar10_small / "test" / "ship").iterdir())[:3]
     code = (
-        "import sys, numpy as np, mlflow; "
+        "import json, sys, mlflow; "
         "m = mlflow.pyfunc.load_model('models:/cifar10-attention56/1'); "
-        f"np.save(sys.argv[1], m.predict(np.load({str(tmp_path / 'images.npy')!r})))"
+        "print(json.dumps(m.predict([open(f, 'rb').read() for f in sys.argv[1:]])))"
     )
     env = {**os.environ, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
     done = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "out.npy")], env=env, capture_output=True,
-        text=True,
-    )  # fmt: skip
+        [sys.executable, "-c", code, *map(str, files)], env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    from ran.train.checkpoint import load_model
-
-    model, _ = load_model(out / "model.pt")
-    with torch.no_grad():
-        expected = model(torch.from_numpy(images)).numpy()
-    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-4, atol=1e-5)
+    answers = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = Predictor.from_model_file(out / "model.pt").predict_bytes(
+        [f.read_bytes() for f in files]
+    )
+    assert [a["labels"] for a in answers] == [e["labels"] for e in expected]
+    for answer, want in zip(answers, expected, strict=True):
+        np.testing.assert_allclose(answer["probs"], want["probs"], rtol=1e-5)
 
 
 def _checkpoint_iteration(path: Path) -> int:

@@ -19,13 +19,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ran.data.parallel import ordered_map
 from ran.data.sources import Split
 from ran.errors import RanError
+
+if TYPE_CHECKING:
+    import torch
 
 FIELDS = ("image", "label", "index")
 IMAGENET_CROP_RATIO = 224 / 256
@@ -259,6 +262,15 @@ class LoaderSpec:
         small = max(info["max_side"] for info in meta["splits"].values()) <= SMALL_SIDE
         side = resolution or (meta["splits"]["train"]["max_side"] if small else IMAGENET_SIDE)
         return cls(tuple(meta["mean"]), tuple(meta["std"]), side, small)
+
+
+def normalize(images: torch.Tensor, spec: LoaderSpec) -> torch.Tensor:
+    """uint8 images on any device → float32, standardised by the data's 0–255 statistics."""
+    import torch
+
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return (images.float() - mean) / std
 
 
 def make_loader(

@@ -19,7 +19,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -73,6 +73,18 @@ class ArraySplit:
         return f"{self.origin}[{i}]"
 
 
+def to_rgb(img: Any) -> np.ndarray:
+    """A decoded PIL image as H×W×3 ``uint8`` RGB: greyscale, CMYK, palette (transparency
+    through RGBA) and RGBA convert; 16-bit greyscale is scaled to 8 bits, not clipped."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and np.asarray(img).max() > 255):
+        wide = np.asarray(img, dtype=np.uint32)
+        grey = (wide * 255 + 32767) // 65535
+        return np.repeat(grey.astype(np.uint8)[:, :, None], 3, axis=2)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
 @dataclass
 class FileSplit:
     """Images as files on disk (ImageFolder, ImageNet, Tiny-ImageNet)."""
@@ -90,10 +102,7 @@ class FileSplit:
 
         with Image.open(self.root / self.files[i]) as img:
             img.load()  # decode now, so truncated files fail here, naming the file
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")
-            rgb = img.convert("RGB")  # greyscale, CMYK, palette, RGBA → RGB
-        return np.asarray(rgb, dtype=np.uint8)
+            return to_rgb(img)
 
     def name(self, i: int) -> str:
         return f"{self.prefix}/{self.files[i]}" if self.prefix else self.files[i]

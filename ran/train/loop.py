@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ran.config import TrainParams
-from ran.data.beton import LoaderSpec, make_loader, read_records
+from ran.data.beton import LoaderSpec, make_loader, normalize, read_records
 from ran.data.sources import sha256_file
 from ran.errors import RanError
 from ran.train import checkpoint
@@ -48,13 +48,6 @@ def read_meta(data: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RanError(f"{path} not found: --data must be an ingest output (run `ran-cli ingest`)")
     return json.loads(path.read_text())
-
-
-def normalize(images: torch.Tensor, spec: LoaderSpec) -> torch.Tensor:
-    """uint8 images on any device → float32, standardised by the data's 0–255 statistics."""
-    mean = torch.tensor(spec.mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    return (images.float() - mean) / std
 
 
 class BatchTransform:

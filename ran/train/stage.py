@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from ran.config import TrainParams
 from ran.train import checkpoint, distributed
 from ran.train.loop import Trainer
@@ -161,30 +159,11 @@ def registered_name(trainer: Trainer) -> str:
 
 
 def _log_model(trainer: Trainer, register: bool) -> None:
-    """The final network as an MLflow PyTorch model in the ``pt2`` format (``torch.export``),
-    which loads without unpickling, with a signature and an input example."""
-    import mlflow
-    import numpy as np
-    from mlflow.models import infer_signature
+    """``model.pt`` as the run's MLflow image model (bytes in, top-5 classes out; loads
+    without unpickling), registered under :func:`registered_name` when ``register``."""
+    from ran.inference.predictor import log_image_model
 
-    model = trainer.model.to("cpu", memory_format=torch.contiguous_format).eval()
-    side = trainer.spec.resolution
-    example = np.zeros((2, 3, side, side), dtype=np.float32)
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    mlflow.pytorch.log_model(
-        model,
-        name="model",
-        serialization_format="pt2",
-        signature=infer_signature(example, output),
-        input_example=example,
-        registered_model_name=registered_name(trainer) if register else None,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        # MLflow would load the model back to run the example (a second export's worth of
-        # time per training); the pickle-free load is tested instead (tests/test_pipeline.py).
-        validate_serving_input=False,
-    )
-    model.to(trainer.ctx.device)
+    log_image_model(trainer.out / checkpoint.MODEL, registered_name(trainer) if register else None)
 
 
 def train_model(

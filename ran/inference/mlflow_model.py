@@ -1,0 +1,34 @@
+"""The MLflow model that training logs and registers: encoded images in, top-5 classes out.
+
+MLflow loads this file as code (models-from-code), never a pickle: its ``model.pt``
+artifact is read with ``torch.load(weights_only=True)``, so the model loads and predicts
+with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``. In-process, ``predict`` takes a list of
+JPEG/PNG/… ``bytes``; MLflow's scoring server and ``ran-cli serve`` take them as base64
+strings (``{"inputs": ["<base64>", ...]}``) and answer
+``{"predictions": [{"labels": [...], "probs": [...]}, ...]}``, as ``ran-cli predict --json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+
+from ran.inference.predictor import Predictor
+
+
+class ImageModel(PythonModel):
+    """A :class:`~ran.inference.predictor.Predictor` behind MLflow's pyfunc interface."""
+
+    def load_context(self, context: Any) -> None:
+        self.predictor = Predictor.from_model_file(Path(context.artifacts["model"]))
+
+    def predict(
+        self, model_input: list[bytes], params: dict[str, Any] | None = None
+    ) -> list[dict[str, list[Any]]]:
+        return self.predictor.predict_bytes(model_input)
+
+
+set_model(ImageModel())

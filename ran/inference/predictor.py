@@ -1,0 +1,190 @@
+"""A trained network ready for a user's images, wherever it was stored.
+
+``model.pt`` (or the training folder holding it) loads directly; an MLflow URI
+(``models:/NAME/VERSION``, ``models:/NAME@alias``, ``runs:/RUN_ID/model``) or a downloaded
+MLflow model folder loads through MLflow with its pickle refusal on, and the
+:class:`Predictor` inside the image model is used as it is. Both paths give the same
+probabilities.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ran.data.beton import LoaderSpec, normalize
+from ran.errors import RanError
+from ran.inference.images import network_input, read_image
+
+PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+TOP = 5  # classes reported per image, by default and by the registered model
+
+
+def class_scores(model: torch.nn.Module, x: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Logits of normalised images; ``flip`` averages the softmax of each image and its
+    mirror (returned as log-probabilities, so softmax, argmax and top-k stay meaningful)."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    logits = model(x).float()
+    if not flip:
+        return logits
+    return ((logits.softmax(1) + model(x.flip(3)).float().softmax(1)) / 2).log()
+
+
+@dataclass
+class Predictor:
+    """A network in eval mode with its ``model.pt`` record (classes, statistics, input size)."""
+
+    model: torch.nn.Module
+    record: dict[str, Any]
+    flip: bool = False
+
+    @classmethod
+    def from_model_file(cls, path: Path, flip: bool = False) -> Predictor:
+        from ran.train.checkpoint import load_model
+
+        model, record = load_model(path)
+        return cls(model.to(memory_format=torch.channels_last), record, flip)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.record["classes"]
+
+    @property
+    def spec(self) -> LoaderSpec:
+        r = self.record
+        return LoaderSpec(tuple(r["mean"]), tuple(r["std"]), r["input_size"], r["small_images"])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def has_masks(self) -> bool:
+        from ran.models.attention import AttentionModule
+
+        return any(isinstance(module, AttentionModule) for module in self.model.modules())
+
+    def to(self, device: str | torch.device) -> Predictor:
+        self.model.to(device)
+        return self
+
+    def inputs(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Decoded images (H×W×3 uint8) as the network's ``uint8`` N×3×S×S batch."""
+        spec = self.spec
+        cut = [network_input(image, spec.resolution, spec.small_images) for image in images]
+        return torch.from_numpy(np.stack(cut)).permute(0, 3, 1, 2)
+
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N×K, float32 on the CPU) of a ``uint8`` input batch."""
+        with torch.inference_mode():
+            x = normalize(batch.to(self.device), self.spec)
+            return class_scores(self.model, x, self.flip).softmax(1).cpu()
+
+    def top(self, probs: torch.Tensor, k: int = TOP) -> list[dict[str, list]]:
+        """Per image: the ``k`` likeliest class names and their probabilities."""
+        values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
+        return [
+            {"labels": [self.classes[i] for i in row], "probs": [float(p) for p in vals]}
+            for row, vals in zip(indices.tolist(), values, strict=True)
+        ]
+
+    def masks(self, batch: torch.Tensor) -> list[np.ndarray]:
+        """Each attention module's mask, mean over channels: one N×h×w array per module
+        (none for a network without attention)."""
+        with torch.inference_mode():
+            _, masks = self.model(normalize(batch.to(self.device), self.spec), return_masks=True)
+        return [mask.float().mean(1).cpu().numpy() for mask in masks]
+
+    def predict_bytes(self, blobs: list[bytes], k: int = TOP) -> list[dict[str, list]]:
+        """Encoded images (JPEG, PNG, … bytes) → per image, top-``k`` labels and probs."""
+        images = [read_image(blob, f"image {n}") for n, blob in enumerate(blobs)]
+        if not images:
+            return []
+        return self.top(self.probabilities(self.inputs(images)), k)
+
+
+@contextlib.contextmanager
+def pickle_refused() -> Iterator[None]:
+    """MLflow loads inside this block refuse to unpickle (the project's models never need to)."""
+    before = os.environ.get(PICKLE_SWITCH)
+    os.environ[PICKLE_SWITCH] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[PICKLE_SWITCH]
+        else:
+            os.environ[PICKLE_SWITCH] = before
+
+
+def is_mlflow_uri(model: str) -> bool:
+    return "://" in model or model.startswith(("models:/", "runs:/"))
+
+
+def load_predictor(model: str, device: str = "cpu", flip: bool = False) -> Predictor:
+    """``model``: a ``model.pt``, a training output folder, an MLflow model folder or URI."""
+    path = Path(model)
+    if not is_mlflow_uri(model) and not (path / "MLmodel").is_file():
+        if path.is_dir():
+            path = path / "model.pt"
+        if not path.is_file():
+            raise RanError(
+                f"model {model} does not exist; pass a model.pt, a `ran-cli train` output "
+                "folder or an MLflow model URI (models:/NAME/VERSION)"
+            )
+        predictor = Predictor.from_model_file(path, flip)
+        return predictor.to(device)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from ran.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        with pickle_refused():
+            loaded = mlflow.pyfunc.load_model(model)
+    except (MlflowException, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RanError(
+            f"cannot load MLflow model {model} from {tracking_uri()}: {first} (check the name "
+            "and version, and MLFLOW_TRACKING_URI)"
+        ) from None
+    image_model = loaded.unwrap_python_model()
+    if not hasattr(image_model, "predictor"):
+        raise RanError(f"{model} is not an image model of this project; pass one `train` logged")
+    predictor = image_model.predictor
+    predictor.flip = flip
+    return predictor.to(device)
+
+
+def model_requirements() -> list[str]:
+    """What the image model's code imports, pinned to this environment's versions."""
+    from importlib.metadata import version
+
+    names = ("torch", "torchvision", "numpy", "pillow", "opencv-python")
+    return [f"{name}=={version(name).split('+')[0]}" for name in names]
+
+
+def log_image_model(model_file: Path, registered_name: str | None = None) -> Any:
+    """Log ``model_file`` to the active MLflow run as the image model (``model``): MLflow's
+    models-from-code, with ``ran`` as its code and ``model.pt`` as its artifact, so it
+    loads with pickle refused (``torch.load(weights_only=True)`` reads the weights)."""
+    import mlflow
+
+    import ran
+
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(Path(__file__).with_name("mlflow_model.py")),
+        artifacts={"model": str(model_file)},
+        code_paths=[str(Path(ran.__file__).parent)],
+        registered_model_name=registered_name,
+        pip_requirements=model_requirements(),
+    )

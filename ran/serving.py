@@ -1,0 +1,151 @@
+"""``ran-cli serve``: the image model over HTTP, batching concurrent requests (LitServe).
+
+It speaks MLflow's scoring protocol, so a client written for ``mlflow models serve`` works
+unchanged: ``POST /invocations`` with ``{"inputs": ["<base64 image>", ...]}`` answers
+``{"predictions": [{"labels": [...], "probs": [...]}, ...]}``. Unlike MLflow's scoring
+server, which runs one request at a time through the model, LitServe's inference worker
+gathers the requests that arrive within ``batch_timeout`` (up to ``max_batch_size``) and
+runs them as one batch. The model is MLflow's (a registry URI, a run's model, a model
+folder) or a ``model.pt``, loaded with pickle refused.
+
+A request that is not ``{"inputs": [str, ...]}``, or whose strings are not base64 images,
+gets HTTP 400 with ``{"error": "..."}`` naming the problem; the other requests of its batch
+are answered as usual.
+"""
+
+# No `from __future__ import annotations`: LitServe reads decode_request's annotation (the
+# request body model) at run time, and a string there would not resolve.
+
+import base64
+import binascii
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+from pydantic import BaseModel, ConfigDict
+
+from ran.errors import RanError
+
+
+class ScoringRequest(BaseModel):
+    """MLflow's ``inputs`` form: base64-encoded images (JPEG, PNG, WebP, …)."""
+
+    model_config = ConfigDict(extra="forbid")
+    inputs: list[str]
+
+
+class ImageAPI(ls.LitAPI):
+    """Decode and cut each request's images, score a batch of requests, answer each."""
+
+    def __init__(self, model: str, max_batch_size: int, batch_timeout: float):
+        super().__init__(
+            max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/invocations"
+        )
+        self.model_source = model
+
+    def setup(self, device: str) -> None:
+        from ran.inference.predictor import load_predictor
+
+        self.predictor = load_predictor(self.model_source, device)
+
+    def decode_request(self, request: ScoringRequest) -> Any:
+        """The request's uint8 input batch, or the reason (str) it is refused."""
+        from ran.inference.images import read_image
+
+        if not request.inputs:
+            return "inputs is empty: send at least one base64-encoded image"
+        images = []
+        for n, text in enumerate(request.inputs):
+            try:
+                blob = base64.b64decode(text, validate=True)
+            except binascii.Error as exc:
+                return f"inputs[{n}] is not base64 ({exc}); base64-encode the image file"
+            try:
+                images.append(read_image(blob, f"inputs[{n}]"))
+            except RanError as exc:
+                return str(exc)
+        return self.predictor.inputs(images)
+
+    def batch(self, inputs: list[Any]) -> list[Any]:
+        return inputs  # requests carry several images each: scored together in predict
+
+    def predict(self, x: Any) -> Any:
+        import torch
+
+        requests = x if self.max_batch_size > 1 else [x]
+        batches = [r for r in requests if isinstance(r, torch.Tensor)]
+        probs = self.predictor.probabilities(torch.cat(batches)) if batches else None
+        answers, start = [], 0
+        for request in requests:
+            if isinstance(request, str):
+                answers.append(request)
+                continue
+            answers.append(self.predictor.top(probs[start : start + len(request)]))
+            start += len(request)
+        return answers if self.max_batch_size > 1 else answers[0]
+
+    def unbatch(self, output: list[Any]) -> list[Any]:
+        return output
+
+    def encode_response(self, output: Any) -> Any:
+        from fastapi.responses import JSONResponse
+
+        if isinstance(output, str):
+            return JSONResponse({"error": output}, status_code=400)
+        return {"predictions": output}
+
+
+async def _bad_body(request: Any, exc: Any) -> Any:
+    """A body that is not ``{"inputs": [str, ...]}``: 400 (FastAPI would answer 422)."""
+    from fastapi.responses import JSONResponse
+
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    message = f'the body must be JSON {{"inputs": ["<base64 image>", ...]}} ({problems})'
+    return JSONResponse({"error": message}, status_code=400)
+
+
+def local_model(model: str, folder: Path) -> str:
+    """``model`` where the server's workers can load it: an MLflow URI is downloaded into
+    ``folder`` once (not by every worker), and loaded here first, so a wrong name or
+    version stops ``ran-cli serve`` with one line before a server starts."""
+    from ran.inference.predictor import is_mlflow_uri, load_predictor
+
+    if is_mlflow_uri(model):
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        from ran.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri())
+        try:
+            model = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(folder))
+        except (MlflowException, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RanError(
+                f"cannot fetch MLflow model {model} from {tracking_uri()}: {first} (check the "
+                "name and version, and MLFLOW_TRACKING_URI)"
+            ) from None
+    load_predictor(model)
+    return model
+
+
+def serve(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    device: str = "auto",
+    max_batch_size: int = 64,
+    batch_timeout: float = 0.005,
+) -> None:
+    """Serve ``model`` until interrupted (``model``: as :func:`load_predictor` takes it;
+    ``device``: auto | cpu | cuda, LitServe's accelerator)."""
+    import tempfile
+
+    from fastapi.exceptions import RequestValidationError
+
+    accelerator = "cuda" if device.startswith("cuda") else device
+    with tempfile.TemporaryDirectory(prefix="ran-serve-") as folder:
+        api = ImageAPI(local_model(model, Path(folder)), max_batch_size, batch_timeout)
+        server = ls.LitServer(api, accelerator=accelerator, timeout=60)
+        server.app.add_exception_handler(RequestValidationError, _bad_body)
+        server.run(host=host, port=port, generate_client_file=False, num_api_servers=1)
