@@ -146,6 +146,6 @@ def serve(
     accelerator = "cuda" if device.startswith("cuda") else device
     with tempfile.TemporaryDirectory(prefix="ran-serve-") as folder:
         api = ImageAPI(local_model(model, Path(folder)), max_batch_size, batch_timeout)
-        server = ls.LitServer(api, accelerator=accelerator, timeout=60)
+        server = ls.LitServer(api, accelerator=accelerator, timeout=60, fast_queue=True)
         server.app.add_exception_handler(RequestValidationError, _bad_body)
         server.run(host=host, port=port, generate_client_file=False, num_api_servers=1)
