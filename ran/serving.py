@@ -108,23 +108,13 @@ def local_model(model: str, folder: Path) -> str:
     """``model`` where the server's workers can load it: an MLflow URI is downloaded into
     ``folder`` once (not by every worker), and loaded here first, so a wrong name or
     version stops ``ran-cli serve`` with one line before a server starts."""
-    from ran.inference.predictor import is_mlflow_uri, load_predictor
+    from ran.inference.predictor import is_mlflow_uri, load_predictor, mlflow_errors
 
     if is_mlflow_uri(model):
         import mlflow
-        from mlflow.exceptions import MlflowException
 
-        from ran.tracking import tracking_uri
-
-        mlflow.set_tracking_uri(tracking_uri())
-        try:
+        with mlflow_errors("fetch", model):
             model = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(folder))
-        except (MlflowException, OSError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RanError(
-                f"cannot fetch MLflow model {model} from {tracking_uri()}: {first} (check the "
-                "name and version, and MLFLOW_TRACKING_URI)"
-            ) from None
     load_predictor(model)
     return model
 

@@ -134,6 +134,11 @@ def test_bad_input_is_one_line_and_skip_bad_goes_on(
     assert "skipped 3:" in result.stderr and "notes.jpg" in result.stderr
     wrong = _predict(good[0], "--model", tmp_path / "nowhere", check=False)
     assert wrong.returncode == 1 and "does not exist" in wrong.stderr
+    from ran.errors import RanError
+    from ran.inference.predictor import load_predictor
+
+    with pytest.raises(RanError, match=r"cannot load MLflow model models:/nope/1 from sqlite"):
+        load_predictor("models:/nope/1")
 
 
 @pytest.mark.parametrize("side", [32, 200])

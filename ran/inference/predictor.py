@@ -124,6 +124,25 @@ def pickle_refused() -> Iterator[None]:
             os.environ[PICKLE_SWITCH] = before
 
 
+@contextlib.contextmanager
+def mlflow_errors(action: str, model: str) -> Iterator[None]:
+    """MLflow on the project's tracking store; its errors about ``model`` as one line."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from ran.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        yield
+    except (MlflowException, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RanError(
+            f"cannot {action} MLflow model {model} from {tracking_uri()}: {first} (check the "
+            "name and version, and MLFLOW_TRACKING_URI)"
+        ) from None
+
+
 def is_mlflow_uri(model: str) -> bool:
     return "://" in model or model.startswith(("models:/", "runs:/"))
 
@@ -142,20 +161,9 @@ def load_predictor(model: str, device: str = "cpu", flip: bool = False) -> Predi
         predictor = Predictor.from_model_file(path, flip)
         return predictor.to(device)
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    from ran.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri())
-    try:
-        with pickle_refused():
-            loaded = mlflow.pyfunc.load_model(model)
-    except (MlflowException, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RanError(
-            f"cannot load MLflow model {model} from {tracking_uri()}: {first} (check the name "
-            "and version, and MLFLOW_TRACKING_URI)"
-        ) from None
+    with mlflow_errors("load", model), pickle_refused():
+        loaded = mlflow.pyfunc.load_model(model)
     image_model = loaded.unwrap_python_model()
     if not hasattr(image_model, "predictor"):
         raise RanError(f"{model} is not an image model of this project; pass one `train` logged")
