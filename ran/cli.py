@@ -296,14 +296,16 @@ def predict(
 
 
 def _print_predictions(rows: list[dict[str, Any]]) -> None:
+    """One row per image: the file (whole), the likeliest class, then the runners-up."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("file", *(f"#{n}" for n in range(1, max(len(r["labels"]) for r in rows) + 1)))
-    table.columns[0].overflow = "fold"  # whole file names, wrapped
+    table = Table("file", "class", "prob", "next")
+    table.columns[0].no_wrap = True
     for row in rows:
-        pairs = zip(row["labels"], row["probs"], strict=True)
-        table.add_row(row["file"], *(f"{label} {prob:.1%}" for label, prob in pairs))
+        rest = zip(row["labels"][1:], row["probs"][1:], strict=True)
+        others = " · ".join(f"{label} {prob:.0%}" for label, prob in rest)
+        table.add_row(row["file"], row["labels"][0], f"{row['probs'][0]:.1%}", others)
     Console().print(table)
 
 

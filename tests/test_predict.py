@@ -16,8 +16,12 @@ from PIL import Image
 CLI = [sys.executable, "-m", "ran.cli"]
 
 
-def _predict(*args: object, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([*CLI, "predict", *map(str, args)], capture_output=True, text=True)
+def _predict(
+    *args: object, check: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [*CLI, "predict", *map(str, args)], capture_output=True, text=True, cwd=cwd
+    )
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -98,9 +102,9 @@ def test_every_format_predicts_and_masks_are_drawn(
     assert np.abs(read_image(files["sixteen"], "x")[:, :, 0].astype(int) - grey).max() <= 1
     assert read_image(files["rotated"], "x").shape == (48, 40, 3)  # upright: EXIF applied
     masks = tmp_path / "masks"
-    result = _predict(tmp_path / "mine", "--model", trained_model, "--masks", masks)
+    result = _predict("mine", "--model", trained_model, "--masks", masks, cwd=tmp_path)
     for path in files.values():
-        assert path.stem in result.stdout  # the table names every file
+        assert f"mine/{path.name}" in result.stdout  # the table names every file
     for path in files.values():  # width-0.25 Attention-56: three attention modules
         drawn = sorted(p.name for p in masks.glob(f"{path.stem}.*"))
         assert drawn == [f"{path.stem}.module-{n}.png" for n in (1, 2, 3)] + [

@@ -54,6 +54,7 @@ def registered(trained_model: Path) -> str:
     from ran.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment("residual-attention")  # not an id cached from an earlier store
     with mlflow.start_run():
         log_image_model(trained_model / "model.pt", NAME)
     return f"models:/{NAME}/1"

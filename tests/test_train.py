@@ -60,7 +60,12 @@ def _runs(name: str) -> list:
     return [r for r in runs if r.info.run_name == name]
 
 
-def test_train_then_evaluate(small_ingest: Path, tmp_path: Path) -> None:
+def test_train_then_evaluate(
+    small_ingest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MLflow samples system metrics every 10 s: sample each second, so a short run has some.
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
     out, scored = tmp_path / "train", tmp_path / "eval"
     args = ["train", "--data", small_ingest, "--out", out, *TINY_TRAIN, "--iterations", "8"]
     _cli(*args, "--holdout", "50", "--eval-every", "4", "--log-every", "2")
