@@ -59,9 +59,9 @@ def _mask_figures(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        _, masks = model(normalize(images.to(device), spec), return_masks=True)
+    from ran.inference.predictor import channel_mean_masks
+
+    masks = channel_mean_masks(model, images, spec)
     if not masks:
         return []
     folder.mkdir()
@@ -71,7 +71,7 @@ def _mask_figures(
         axes[0].imshow(images[n].permute(1, 2, 0).cpu().numpy())
         axes[0].set_title("input", fontsize=8)
         for m, (ax, mask) in enumerate(zip(axes[1:], masks, strict=True), start=1):
-            ax.imshow(mask[n].float().mean(0).cpu().numpy(), cmap="viridis")
+            ax.imshow(mask[n], cmap="viridis")
             ax.set_title(f"module {m}", fontsize=8)
         for ax in axes:
             ax.axis("off")

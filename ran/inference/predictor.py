@@ -37,6 +37,17 @@ def class_scores(model: torch.nn.Module, x: torch.Tensor, flip: bool) -> torch.T
     return ((logits.softmax(1) + model(x.flip(3)).float().softmax(1)) / 2).log()
 
 
+def channel_mean_masks(
+    model: torch.nn.Module, batch: torch.Tensor, spec: LoaderSpec
+) -> list[np.ndarray]:
+    """Each attention module's mask of a ``uint8`` batch, mean over channels: one N×h×w
+    array per module (none for a network without attention)."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        _, masks = model(normalize(batch.to(device), spec), return_masks=True)
+    return [mask.float().mean(1).cpu().numpy() for mask in masks]
+
+
 @dataclass
 class Predictor:
     """A network in eval mode with its ``model.pt`` record (classes, statistics, input size)."""
@@ -96,11 +107,7 @@ class Predictor:
         ]
 
     def masks(self, batch: torch.Tensor) -> list[np.ndarray]:
-        """Each attention module's mask, mean over channels: one N×h×w array per module
-        (none for a network without attention)."""
-        with torch.inference_mode():
-            _, masks = self.model(normalize(batch.to(self.device), self.spec), return_masks=True)
-        return [mask.float().mean(1).cpu().numpy() for mask in masks]
+        return channel_mean_masks(self.model, batch, self.spec)
 
     def predict_bytes(self, blobs: list[bytes], k: int = TOP) -> list[dict[str, list]]:
         """Encoded images (JPEG, PNG, … bytes) → per image, top-``k`` labels and probs."""
