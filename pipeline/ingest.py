@@ -1,20 +1,36 @@
-"""DVC stage ``ingest``: params.yaml ``ingest`` → data/ingest/{train,val}.beton, meta.json."""
+"""DVC stage ``ingest``: params.yaml ``ingest`` → data/ingest/{train,val}.beton, meta.json.
 
+``python pipeline/ingest.py DATASET`` ingests another data set with the same settings into
+data/DATASET/ingest (studies/dvc.yaml's CIFAR-100 for the vitmask study); its source is
+$RAN_<DATASET>_SOURCE (e.g. RAN_CIFAR100_SOURCE), else the official download.
+"""
+
+import os
+import sys
 from pathlib import Path
 
 from ran.config import IngestParams, TrackingParams, load_section, with_source_override
 from ran.data.ingest import tracked_ingest
 from ran.errors import user_errors
 from ran.pipeline import stage_tags
+from ran.studies.cell import ingest_folder
 
 OUT = Path("data/ingest")
 
 
-def main() -> None:
-    params = with_source_override(load_section("ingest", IngestParams))
+def main(dataset: str | None = None) -> None:
+    params = load_section("ingest", IngestParams)
+    out = OUT
+    if dataset is None:
+        params = with_source_override(params)
+    else:
+        source = os.environ.get(f"RAN_{dataset.upper().replace('-', '_')}_SOURCE")
+        params = params.model_copy(update={"dataset": dataset, "source": source})
+        params = IngestParams.model_validate(params.model_dump())
+        out = ingest_folder(dataset)
     tracking = load_section("mlflow", TrackingParams)
-    tracked_ingest(params, OUT, tracking.experiment, tags=stage_tags("ingest"))
+    tracked_ingest(params, out, tracking.experiment, tags=stage_tags("ingest", deps=[]))
 
 
 if __name__ == "__main__":
-    user_errors(main)()
+    user_errors(main)(*sys.argv[1:2])

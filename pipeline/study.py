@@ -10,18 +10,20 @@ from ran.config import TrackingParams, load_section
 from ran.errors import user_errors
 from ran.pipeline import stage_profile, stage_tags
 from ran.studies import get_study
-from ran.studies.cell import run_cell
+from ran.studies.cell import cell_data, run_cell
 
-DATA, OUT = Path("data/ingest"), Path("data/studies")
+OUT = Path("data/studies")
 
 
 def main(study_name: str, cell_name: str) -> None:
     study = get_study(study_name)
     cell = study.cell(cell_name)
+    data, prior = cell_data(cell)
     tracking = load_section("mlflow", TrackingParams)
-    tags = stage_tags("study", deps=[str(DATA)])
+    tags = stage_tags("study", deps=[str(data), *([str(prior)] if prior else [])])
     out = OUT / study.name / cell.name
-    run_cell(study, cell, DATA, out, tracking.experiment, stage_profile(), tags=tags)
+    profile = stage_profile()
+    run_cell(study, cell, data, out, tracking.experiment, profile, tags=tags, prior=prior)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from ran.config import (
     EvaluateParams,
     IngestParams,
     NoiseParams,
+    PriorParams,
     TrackingParams,
     TrainParams,
     ValidationParams,
@@ -32,7 +33,8 @@ from ran.errors import user_errors
 app = typer.Typer(
     name="ran-cli",
     help="Residual Attention Network pipeline: ingest data, inspect models, add label noise, "
-    "train, evaluate, report the paper's studies, predict your own images, serve a model.",
+    "compute a ViT attention prior, train, evaluate, report the paper's studies, predict your "
+    "own images, serve a model.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -169,9 +171,40 @@ def noise(
     print(json.dumps({"out": str(out), **{k: report[k] for k in keys}}))
 
 
+PRIOR_HELP = """Compute the ViT attention prior of an ingest output, for `ran-cli train --family vitmask`.
+
+A frozen self-supervised ViT (timm; DINO ViT-S/8 by default) runs once over the train and val splits; each record's map is the softmax attention of the [CLS] query over the patch tokens in the ViT's last block, its heads aggregated (--aggregate mean | max). Images are upsampled (bicubic) to --size, a multiple of the patch; the position embeddings are interpolated to it.
+
+Writes OUT/train.npy and OUT/val.npy (float16, records × h × w, indexed by record, memory-mappable), OUT/report.json, OUT/sample.png (images beside their maps) and OUT/validation.json (Great Expectations); logged to MLflow.
+
+Without network: download the weights elsewhere (README, "ViT weights") and pass --vit-weights FILE. --init random uses seeded random weights instead: it runs anywhere, but such a prior carries no information.
+"""  # noqa: E501 - one line per paragraph: the help formatter wraps them
+
+
+@app.command(help=PRIOR_HELP)
+@user_errors
+@with_model_options(PriorParams)
+def prior(
+    values: dict,
+    data: Annotated[Path, typer.Option(help="ingest output (meta.json, train/val.beton)")] = Path(
+        "data/ingest"
+    ),
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("data/prior"),
+    experiment: Annotated[
+        str, typer.Option(help="MLflow experiment")
+    ] = TrackingParams.model_fields["experiment"].default,
+) -> None:
+    from ran.prior import tracked_prior
+
+    params = parse(PriorParams, values, "prior")
+    report = tracked_prior(params, data, out, experiment)
+    keys = ("vit", "init", "size", "grid", "aggregate", "records")
+    print(json.dumps({"out": str(out), **{k: report[k] for k in keys}}))
+
+
 TRAIN_HELP = """Train a Residual Attention Network (or the ResNet baseline) on an ingest output.
 
-Defaults are the paper's recipe (CIFAR: SGD with Nesterov momentum, batch 64, lr 0.1 divided by 10 at 64k and 96k iterations, 160k in all; ImageNet: divided at 200k, 400k and 500k, 530k in all). The variant and the number of classes follow the data (meta.json). --profile quick lays params.yaml's quick.train over them (the 2-core CPU profile).
+Defaults are the paper's recipe (CIFAR: SGD with Nesterov momentum, batch 64, lr 0.1 divided by 10 at 64k and 96k iterations, 160k in all; ImageNet: divided at 200k, 400k and 500k, 530k in all). The variant and the number of classes follow the data (meta.json). --family vitmask (ResNet-8 refined by a ViT's attention) needs --prior, the output of `ran-cli prior`. --profile quick lays params.yaml's quick.train over them (the 2-core CPU profile).
 
 Writes OUT/checkpoint-last.pt, OUT/model.pt, OUT/curves.csv and OUT/summary.json, and logs one MLflow run. Several GPUs: torchrun --nproc-per-node N -m ran.cli train ...
 """  # noqa: E501 - one line per paragraph: the help formatter wraps them
@@ -189,6 +222,10 @@ def train(
     labels: Annotated[
         Path | None,
         typer.Option(help="labels.npy (int64, one per train record) to train on instead"),
+    ] = None,
+    prior: Annotated[
+        Path | None,
+        typer.Option(help="`ran-cli prior` output: the ViT attention maps (--family vitmask)"),
     ] = None,
     profile: Annotated[
         str,
@@ -212,7 +249,7 @@ def train(
     base = profile_values("train", resolve_profile(profile, torch.cuda.is_available()))
     params = parse(TrainParams, {**base, **values}, "train")
     summary = train_model(
-        params, data, out, experiment, labels=labels, resume="yes" if resume else "no"
+        params, data, out, experiment, labels=labels, resume="yes" if resume else "no", prior=prior
     )
     if summary:
         print(json.dumps(summary))
@@ -230,6 +267,10 @@ def evaluate(
         "data/ingest"
     ),
     out: Annotated[Path, typer.Option(help="output folder")] = Path("data/evaluate"),
+    prior: Annotated[
+        Path | None,
+        typer.Option(help="`ran-cli prior` output for this data (models trained with a prior)"),
+    ] = None,
     experiment: Annotated[
         str, typer.Option(help="MLflow experiment")
     ] = TrackingParams.model_fields["experiment"].default,
@@ -241,7 +282,7 @@ def evaluate(
     from ran.evaluate import tracked_evaluate
 
     params = parse(EvaluateParams, values, "evaluate")
-    metrics = tracked_evaluate(model, data, out, params, experiment)
+    metrics = tracked_evaluate(model, data, out, params, experiment, prior=prior)
     print(json.dumps(metrics))
 
 
@@ -336,7 +377,7 @@ def serve(
     run_server(model, host, port, device, max_batch_size, batch_timeout)
 
 
-STUDY_NAMES = "noise, arl-nal, attention, mask"
+STUDY_NAMES = "noise, arl-nal, attention, mask, vitmask"
 REPORT_HELP = """Tabulate a study's cells beside the paper's numbers.
 
 Reads the study's finished evaluate runs from MLflow (by their study, cell and profile tags) and writes OUT/report.md (our top-1 error beside the paper's for every cell, whether each row keeps the paper's ordering, the runs' links), OUT/report.png and OUT/results.json, logged to MLflow. A cell without a finished run shows as missing.

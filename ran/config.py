@@ -144,7 +144,36 @@ class NoiseParams(_Params):
         return self
 
 
-Family = Literal["attention", "resnet"]
+class PriorParams(_Params):
+    """The attention prior: a frozen self-supervised ViT's [CLS] attention over its patches,
+    one map per record (the ``vitmask`` network's second input)."""
+
+    vit: str = Field(
+        "vit_small_patch8_224.dino",
+        description="timm ViT: vit_small_patch8_224.dino (DINO ViT-S/8) | vit_base_patch8_224.dino",
+    )
+    vit_weights: Path | None = Field(
+        None, description="local weights file (.safetensors/.pth); unset: timm downloads them"
+    )
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained",
+        description="pretrained | random (seeded random weights: runs anywhere, but the "
+        "prior then carries no information)",
+    )
+    size: int = Field(224, ge=8, description="ViT input side (px), a multiple of its patch")
+    aggregate: Literal["mean", "max"] = Field(
+        "mean", description="how the heads' maps become one: mean | max"
+    )
+    batch_size: int = Field(256, ge=1, description="images per ViT forward pass")
+    samples: int = Field(8, ge=0, description="train images drawn beside their maps")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda[:N]"
+    )
+    num_workers: int = Field(2, ge=1, description="FFCV loader threads")
+    seed: int = Field(0, description="seeds the random weights of init random")
+
+
+Family = Literal["attention", "resnet", "vitmask"]
 Schedule = Literal["step", "cosine", "onecycle"]
 PROFILES = ("paper", "quick")
 
@@ -157,8 +186,10 @@ class TrainParams(_Params):
     divided at 200k, 400k and 500k.
     """
 
-    family: Family = Field("attention", description="network family: attention | resnet")
-    depth: int = Field(92, ge=1, description="network depth (e.g. 56, 92; resnet: 164)")
+    family: Family = Field(
+        "attention", description="network family: attention | resnet | vitmask (needs a prior)"
+    )
+    depth: int = Field(92, ge=1, description="network depth (e.g. 56, 92; resnet: 164; vitmask: 8)")
     attention: Literal["mixed", "channel", "spatial"] = Field(
         "mixed", description="attention function: mixed | channel | spatial"
     )
@@ -169,6 +200,15 @@ class TrainParams(_Params):
         "encoder-decoder", description="mask branch: encoder-decoder | local convolutions"
     )
     width: float = Field(1.0, gt=0, le=4, description="multiplier on every layer's width")
+    mask_strength: float = Field(
+        1.0, ge=0, le=1, description="vitmask: strength a of the prior's masks (0: ResNet-8)"
+    )
+    upsample: int | None = Field(
+        None,
+        ge=8,
+        description="small images (CIFAR): train and test at this side, bicubic-upsampled "
+        "after augmentation (the vitmask report: 224); unset: the stored side",
+    )
     iterations: int | None = Field(
         None, ge=1, description="optimizer steps in all; unset: the paper's for the data"
     )
@@ -271,8 +311,13 @@ def profiled_section(
     return parse(model, values, section)
 
 
-def study_overlay(section: str, profile: str, path: Path = PARAMS_FILE) -> dict:
+def study_overlay(
+    section: str, profile: str, path: Path = PARAMS_FILE, study: str | None = None
+) -> dict:
     """``params.yaml``'s ``studies.<profile>.<section>``: what every study cell of that
-    profile changes in ``section`` (the quick profile's shorter runs, for instance)."""
+    profile changes in ``section`` (the quick profile's shorter runs, for instance); with
+    ``study``, ``studies.<study>.<profile>.<section>``: what that study's profile changes."""
     studies = _read_params(path).get("studies") or {}
+    if study is not None:
+        studies = studies.get(study) or {}
     return dict((studies.get(profile) or {}).get(section) or {})

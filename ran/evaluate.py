@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ran.config import EvaluateParams
-from ran.data.beton import LoaderSpec, make_loader, normalize
+from ran.data.beton import LoaderSpec, make_loader
 from ran.errors import RanError
 from ran.figures import matrix_png
 from ran.outputs import staged_output
@@ -37,21 +37,29 @@ def predict(
     spec: LoaderSpec,
     dtype: torch.dtype | None = None,
     flip: bool = False,
+    prior: Any = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``(logits, labels, indices)`` per batch; ``flip`` averages the softmax of each image
-    and its mirror (returned as log-probabilities, so argmax and top-k stay meaningful)."""
-    from ran.inference.predictor import class_scores
+    and its mirror (returned as log-probabilities, so argmax and top-k stay meaningful).
+    ``prior``: the split's maps, indexed by record, for a network that takes them."""
+    from ran.inference.predictor import class_scores, network_view
+    from ran.train.loop import prior_batch
 
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     with torch.inference_mode(), autocast:
         for images, labels, index in loader:
-            x = normalize(images.to(device, non_blocking=True), spec)
-            yield class_scores(model, x, flip), labels, index
+            x = network_view(images.to(device, non_blocking=True), spec)
+            maps = prior_batch(prior, index.numpy(), device)
+            yield class_scores(model, x, flip, maps), labels, index
 
 
 def _mask_figures(
-    model: torch.nn.Module, images: torch.Tensor, spec: LoaderSpec, folder: Path
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    spec: LoaderSpec,
+    folder: Path,
+    prior: torch.Tensor | None = None,
 ) -> list[Path]:
     """One PNG per image: the input, then each module's mask (mean over channels)."""
     import matplotlib
@@ -61,7 +69,7 @@ def _mask_figures(
 
     from ran.inference.predictor import channel_mean_masks
 
-    masks = channel_mean_masks(model, images, spec)
+    masks = channel_mean_masks(model, images, spec, prior)
     if not masks:
         return []
     folder.mkdir()
@@ -90,8 +98,27 @@ def _first_images(data: Path, spec: LoaderSpec, count: int) -> torch.Tensor:
     return images
 
 
-def evaluate(model_path: Path, data: Path, out: Path, params: EvaluateParams) -> dict[str, Any]:
-    """Score ``model_path`` on ``data/val.beton`` into ``out``; returns ``metrics.json``."""
+def _val_prior(model: torch.nn.Module, model_path: Path, prior: Path | None, meta: dict) -> Any:
+    """The test split's prior maps when the network takes them; a missing or needless
+    ``prior`` is an error."""
+    from ran.prior import load_prior
+
+    takes = getattr(model, "takes_prior", False)
+    if takes and prior is None:
+        raise RanError(
+            f"{model_path} takes a ViT attention prior: pass the prior stage's folder for this "
+            "data with --prior"
+        )
+    if prior is not None and not takes:
+        raise RanError(f"--prior is for networks trained with one; {model_path} takes none")
+    return load_prior(prior, "val", meta) if prior else None
+
+
+def evaluate(
+    model_path: Path, data: Path, out: Path, params: EvaluateParams, prior: Path | None = None
+) -> dict[str, Any]:
+    """Score ``model_path`` on ``data/val.beton`` into ``out``; returns ``metrics.json``.
+    A network trained with a ViT prior needs ``prior`` (the prior stage's folder)."""
     from ran.train.checkpoint import load_model
     from ran.train.distributed import pick_device
     from ran.train.loop import read_meta
@@ -104,6 +131,7 @@ def evaluate(model_path: Path, data: Path, out: Path, params: EvaluateParams) ->
             f"classes), but {data} holds {meta['dataset']} ({meta['num_classes']}); evaluate it "
             "on the data it was trained on"
         )
+    maps = _val_prior(model, model_path, prior, meta)
     device = pick_device(params.device)
     model = model.to(device, memory_format=torch.channels_last)
     spec = LoaderSpec(
@@ -129,7 +157,7 @@ def evaluate(model_path: Path, data: Path, out: Path, params: EvaluateParams) ->
     top1 = top5 = total = 0
     matrix = np.zeros((k, k), dtype=np.int64)
     predictions = []
-    for logits, labels, index in predict(model, loader, spec, flip=params.flip):
+    for logits, labels, index in predict(model, loader, spec, flip=params.flip, prior=maps):
         labels = labels.to(logits.device)
         best = logits.topk(min(5, k), dim=1).indices
         top1 += int((best[:, 0] == labels).sum())
@@ -167,7 +195,13 @@ def evaluate(model_path: Path, data: Path, out: Path, params: EvaluateParams) ->
             for index, actual, predicted in predictions:
                 writer.writerow([index, classes[actual], classes[predicted]])
         if params.masks:
-            _mask_figures(model, _first_images(data, spec, params.masks), spec, tmp / "masks")
+            first = _first_images(data, spec, params.masks)
+            first_maps = (
+                None
+                if maps is None
+                else torch.from_numpy(np.asarray(maps[: len(first)], dtype=np.float32))[:, None]
+            )
+            _mask_figures(model, first, spec, tmp / "masks", first_maps)
     return metrics
 
 
@@ -178,6 +212,7 @@ def tracked_evaluate(
     params: EvaluateParams,
     experiment: str,
     tags: dict[str, str] | None = None,
+    prior: Path | None = None,
 ) -> dict[str, Any]:
     """:func:`evaluate` inside an MLflow run linked to the run that trained the model."""
     import mlflow
@@ -190,6 +225,7 @@ def tracked_evaluate(
     train_run = record.get("run_id")
     link = {"train_run_id": train_run} if train_run else {}
     logged = {**params.model_dump(mode="json"), "model": str(model_path), "data": str(data)}
+    logged["prior"] = str(prior) if prior else None
     with claim_output(out) as claim:
         end_killed_run(claim.previous_run_id)
         with stage_run("evaluate", experiment, logged, tags={**(tags or {}), **link}) as run:
@@ -201,7 +237,7 @@ def tracked_evaluate(
                     f"Evaluates the model of training run `{train_run}` "
                     f"(#/experiments/{run.info.experiment_id}/runs/{train_run}); store {uri}",
                 )
-            metrics = evaluate(model_path, data, out, params)
+            metrics = evaluate(model_path, data, out, params, prior)
             mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "flip"})
             for name in OUTPUTS:
                 mlflow.log_artifact(str(out / name))

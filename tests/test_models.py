@@ -25,6 +25,7 @@ from ran.models import (
 )
 from ran.models.attention import AttentionModule, EncoderDecoderMask
 from ran.models.blocks import PreActBottleneck, ResNeXtBottleneck
+from ran.models.vitmask import BasicBlock
 
 VARIANTS = list_variants()
 NUM_CLASSES = 7  # not a dataset default, so a hard-wired class count would show
@@ -55,7 +56,9 @@ def test_variant_trains_one_step(name: str) -> None:
     a layer the forward pass skips would keep ``grad is None``."""
     torch.manual_seed(0)
     model = _tiny(name)
-    logits = model(_small_input(name))
+    x = _small_input(name)
+    prior = [torch.rand(2, 1, 4, 4)] if getattr(model, "takes_prior", False) else []
+    logits = model(x, *prior)
     assert logits.shape == (2, NUM_CLASSES)
     assert torch.isfinite(logits).all()
     logits.logsumexp(dim=1).mean().backward()
@@ -197,9 +200,8 @@ def test_channels_last_gives_the_same_logits() -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
 
 
-def _main_path_units(model: nn.Module) -> int:
+def _main_path_units(model: nn.Module, kinds: tuple[type, ...]) -> int:
     """Residual units outside the soft mask branches: the ones that count towards depth."""
-    kinds = (PreActBottleneck, ResNeXtBottleneck, Bottleneck)
     return sum(
         isinstance(m, kinds) and ".mask." not in f".{name}." for name, m in model.named_modules()
     )
@@ -207,10 +209,13 @@ def _main_path_units(model: nn.Module) -> int:
 
 @pytest.mark.parametrize("name", [v.name for v in VARIANTS])
 def test_depth_counts_the_weighted_layers(name: str) -> None:
-    """Depth = stem conv + 3 per bottleneck unit on the main path + classifier."""
+    """Depth = stem conv + 3 per bottleneck unit (2 per basic unit) on the main path +
+    classifier."""
     with torch.device("meta"):
         model = build_model(name)
-    assert 2 + 3 * _main_path_units(model) == get_variant(name).depth
+    bottlenecks = _main_path_units(model, (PreActBottleneck, ResNeXtBottleneck, Bottleneck))
+    basic = _main_path_units(model, (BasicBlock,))
+    assert 2 + 3 * bottlenecks + 2 * basic == get_variant(name).depth
 
 
 REFERENCED = [v for v in VARIANTS if v.ref_params is not None]

@@ -180,6 +180,6 @@ def test_report_of_an_unknown_study_is_one_line_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", "table9", "--out", str(tmp_path / "out")])
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines() == [
-        "error: unknown study 'table9'; valid studies: noise, arl-nal, attention, mask"
+        "error: unknown study 'table9'; valid studies: noise, arl-nal, attention, mask, vitmask"
     ]
     assert not (tmp_path / "out").exists()

@@ -27,24 +27,45 @@ PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 TOP = 5  # classes reported per image, by default and by the registered model
 
 
-def class_scores(model: torch.nn.Module, x: torch.Tensor, flip: bool) -> torch.Tensor:
-    """Logits of normalised images; ``flip`` averages the softmax of each image and its
-    mirror (returned as log-probabilities, so softmax, argmax and top-k stay meaningful)."""
-    x = x.contiguous(memory_format=torch.channels_last)
-    logits = model(x).float()
+def class_scores(
+    model: torch.nn.Module, x: torch.Tensor, flip: bool, prior: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits of normalised images (and their prior maps, for a network that takes them);
+    ``flip`` averages the softmax of each image and its mirror (returned as
+    log-probabilities, so softmax, argmax and top-k stay meaningful)."""
+    inputs = [x.contiguous(memory_format=torch.channels_last)]
+    if prior is not None:
+        inputs.append(prior)
+    logits = model(*inputs).float()
     if not flip:
         return logits
-    return ((logits.softmax(1) + model(x.flip(3)).float().softmax(1)) / 2).log()
+    mirrored = model(*(t.flip(3) for t in inputs)).float()
+    return ((logits.softmax(1) + mirrored.softmax(1)) / 2).log()
+
+
+def network_view(images: torch.Tensor, spec: LoaderSpec) -> torch.Tensor:
+    """uint8 images as the network takes them: normalised, and small images bicubic-upsampled
+    to ``spec.resolution`` when the network was trained upsampled (``--upsample``)."""
+    from ran.train.loop import resize_to
+
+    x = normalize(images, spec)
+    return resize_to(x, spec.resolution) if spec.small_images else x
 
 
 def channel_mean_masks(
-    model: torch.nn.Module, batch: torch.Tensor, spec: LoaderSpec
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    spec: LoaderSpec,
+    prior: torch.Tensor | None = None,
 ) -> list[np.ndarray]:
     """Each attention module's mask of a ``uint8`` batch, mean over channels: one N×h×w
     array per module (none for a network without attention)."""
     device = next(model.parameters()).device
+    inputs = [network_view(batch.to(device), spec)]
+    if prior is not None:
+        inputs.append(prior.to(device))
     with torch.inference_mode():
-        _, masks = model(normalize(batch.to(device), spec), return_masks=True)
+        _, masks = model(*inputs, return_masks=True)
     return [mask.float().mean(1).cpu().numpy() for mask in masks]
 
 
@@ -61,6 +82,11 @@ class Predictor:
         from ran.train.checkpoint import load_model
 
         model, record = load_model(path)
+        if record.get("prior"):
+            raise RanError(
+                f"{path} is a vitmask network: it needs a ViT prior map per image, which "
+                "predict and serve do not compute; score it with `ran-cli evaluate --prior`"
+            )
         return cls(model.to(memory_format=torch.channels_last), record, flip)
 
     @property

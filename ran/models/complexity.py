@@ -24,13 +24,17 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, input_size: int, device: torch.device | str = "meta") -> int:
-    """MACs of one forward pass of a single ``3 x input_size x input_size`` image."""
-    x = torch.empty(1, 3, input_size, input_size, device=device)
+    """MACs of one forward pass of a single ``3 x input_size x input_size`` image (and, for
+    a network that takes a prior map, one at the ViT-S/8 grid of that side)."""
+    inputs = [torch.empty(1, 3, input_size, input_size, device=device)]
+    if getattr(model, "takes_prior", False):
+        grid = max(1, input_size // 8)
+        inputs.append(torch.empty(1, 1, grid, grid, device=device))
     was_training = model.training
     model.eval()
     try:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(x)
+            model(*inputs)
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2

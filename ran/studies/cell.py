@@ -21,16 +21,23 @@ from ran.config import (
 )
 from ran.studies.tables import Cell, Study
 
+MAIN_INGEST, PRIORS = Path("data/ingest"), Path("data/prior")
+
 
 def cell_params(
-    cell: Cell, profile: str, path: Path = PARAMS_FILE
+    cell: Cell, profile: str, path: Path = PARAMS_FILE, study: str | None = None
 ) -> tuple[NoiseParams, TrainParams, EvaluateParams]:
     """The cell's parameters: ``params.yaml``'s section, then the profile's overlay
-    (``quick.<section>``), the studies' overlay (``studies.<profile>.<section>``) and last
-    what the cell itself sets (a depth, a noise rate)."""
+    (``quick.<section>``), the studies' overlay (``studies.<profile>.<section>``), what the
+    cell itself sets (a depth, a noise rate) and last what its study's profile changes
+    (``studies.<study>.<profile>.<section>``: the vitmask study's input size and length)."""
 
     def section(name: str, model: type) -> Any:
-        overlays = (study_overlay(name, profile, path), cell.setting.get(name, {}))
+        overlays = (
+            study_overlay(name, profile, path),
+            cell.setting.get(name, {}),
+            study_overlay(name, profile, path, study),
+        )
         return profiled_section(name, model, profile, path, *overlays)
 
     return (
@@ -60,17 +67,43 @@ def run_cell(
     profile: str,
     tags: dict[str, str] | None = None,
     path: Path = PARAMS_FILE,
+    prior: Path | None = None,
 ) -> dict[str, Any]:
-    """Run ``cell`` on ``data`` into ``out/{noise,train,evaluate}``; returns the test
-    metrics."""
+    """Run ``cell`` on ``data`` (with the ViT ``prior`` maps, for a vitmask cell) into
+    ``out/{noise,train,evaluate}``; returns the test metrics."""
     from ran.evaluate import tracked_evaluate
     from ran.noise import tracked_noise
     from ran.train import train_model
 
-    noise, train, evaluate = cell_params(cell, profile, path)
+    noise, train, evaluate = cell_params(cell, profile, path, study.name)
     run_tags = {**(tags or {}), **cell_tags(study, cell, profile)}
     tracked_noise(noise, data, out / "noise", experiment, tags=run_tags)
     labels = out / "noise" / "labels.npy"
-    train_model(train, data, out / "train", experiment, labels=labels, resume="auto", tags=run_tags)
+    train_model(
+        train,
+        data,
+        out / "train",
+        experiment,
+        labels=labels,
+        resume="auto",
+        tags=run_tags,
+        prior=prior,
+    )
     model = out / "train" / "model.pt"
-    return tracked_evaluate(model, data, out / "evaluate", evaluate, experiment, tags=run_tags)
+    return tracked_evaluate(
+        model, data, out / "evaluate", evaluate, experiment, tags=run_tags, prior=prior
+    )
+
+
+def cell_data(cell: Cell) -> tuple[Path, Path | None]:
+    """The ingest output a cell trains on and the prior it reads (``None``: none): the main
+    pipeline's ``data/ingest`` for CIFAR-10, ``data/<dataset>/ingest`` for another data
+    set (``studies/dvc.yaml`` ingests it), and ``data/prior/<dataset>`` for the prior."""
+    data = cell.setting.get("data", {})
+    dataset = data.get("dataset", "cifar10")
+    return ingest_folder(dataset), (PRIORS / dataset if data.get("prior") else None)
+
+
+def ingest_folder(dataset: str) -> Path:
+    """Where the studies find ``dataset``'s ingest output (see :func:`cell_data`)."""
+    return MAIN_INGEST if dataset == "cifar10" else Path("data") / dataset / "ingest"

@@ -65,16 +65,17 @@ def collect(study: Study, experiment: str, profile: str) -> dict[str, CellResult
     return results
 
 
-def _fmt(value: float | None) -> str:
-    return "missing" if value is None else f"{value:.2f}"
+def _fmt(value: float | None, absent: str = "missing") -> str:
+    return absent if value is None else f"{value:.2f}"
 
 
 def ordering(study: Study, results: dict[str, CellResult]) -> list[bool | None]:
-    """Per row: does its first column have the lowest error, as in the paper? ``None``
-    where a cell of the row is missing."""
+    """Per row: does its first column have a lower error than every other column with a
+    published number, as in the paper? ``None`` where one of those cells is missing."""
     verdicts = []
     for row in study.grid:
-        errors = [results[cell.name].error for cell in row]
+        compared = [row[0], *(cell for cell in row[1:] if cell.paper_error is not None)]
+        errors = [results[cell.name].error for cell in compared]
         if any(e is None for e in errors):
             verdicts.append(None)
         else:
@@ -102,7 +103,7 @@ def markdown(study: Study, results: dict[str, CellResult], profile: str) -> str:
     for row, cells, verdict in zip(study.rows, study.grid, verdicts, strict=True):
         values = [row.label]
         for cell in cells:
-            values += [_fmt(results[cell.name].error), _fmt(cell.paper_error)]
+            values += [_fmt(results[cell.name].error), _fmt(cell.paper_error, "-")]
         values.append({True: "holds", False: "does not hold", None: "missing cells"}[verdict])
         lines.append("| " + " | ".join(values) + " |")
     held = sum(v is True for v in verdicts)
@@ -139,7 +140,14 @@ def plot(study: Study, results: dict[str, CellResult], profile: str, path: Path)
         labels = ["missing" if e is None else f"{e:.1f}" for e in ours]
         ax.bar_label(bars, labels, fontsize=7)
         paper = [cell.paper_error for cell in cells]
-        ax.hlines(paper, offset - width * 0.45, offset + width * 0.45, colors="black", lw=2)
+        known = [i for i, e in enumerate(paper) if e is not None]
+        ax.hlines(
+            [paper[i] for i in known],
+            offset[known] - width * 0.45,
+            offset[known] + width * 0.45,
+            colors="black",
+            lw=2,
+        )
     ax.plot([], [], color="black", lw=2, label="paper")
     ax.set_xticks(x, [row.label for row in study.rows])
     ax.set_xlabel(study.row_label)

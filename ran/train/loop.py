@@ -13,7 +13,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +50,46 @@ def read_meta(data: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def network_side(spec: LoaderSpec, params: TrainParams) -> int:
+    """The side the network sees: ``upsample`` for small images when set, else the data's."""
+    return params.upsample if params.upsample and spec.small_images else spec.resolution
+
+
+def _prior_maps(params: TrainParams, prior: Path | None, meta: dict[str, Any]) -> Any:
+    """The train split's prior maps (memory-mapped) when the network takes them."""
+    from ran.prior import load_prior
+
+    if params.family == "vitmask" and prior is None:
+        raise RanError(
+            "--family vitmask needs the ViT attention prior: run `ran-cli prior` and pass its "
+            "output with --prior"
+        )
+    if params.family != "vitmask" and prior is not None:
+        raise RanError(f"--prior is for --family vitmask; {params.family} takes no prior")
+    return load_prior(prior, "train", meta) if prior else None
+
+
+def prior_batch(maps: Any, index: np.ndarray, device: torch.device) -> torch.Tensor | None:
+    """The maps of records ``index`` as N×1×h×w float32 on ``device`` (``None``: no prior)."""
+    if maps is None:
+        return None
+    batch = torch.from_numpy(np.asarray(maps[np.asarray(index)], dtype=np.float32))
+    return batch[:, None].to(device, non_blocking=True)
+
+
 class BatchTransform:
     """Training augmentation of a uint8 batch: CIFAR pad-4 crop + flip on the normalised
     image; ImageNet random-resized crop + flip + colour jitter; then random erasing; then,
-    with progressive resizing, the batch at the side of this point in training."""
+    with progressive resizing or upsampling, the batch at the side of this point in training.
+
+    A per-record map travelling with the images (a ViT prior, N×1×h×w) is resized to the
+    images' side and given the same crop, flip and erasing, so it stays over the pixels it
+    describes; it is not resized afterwards (the network resizes it to what it needs).
+    """
 
     def __init__(self, spec: LoaderSpec, params: TrainParams, seed: int) -> None:
         self.spec, self.seed, self.erasing = spec, seed, params.random_erasing
-        self.params = params
+        self.params, self.full = params, network_side(spec, params)
         self.geometry = (
             PadCropFlip(spec.resolution) if spec.small_images else ResizedCropFlip(spec.resolution)
         )
@@ -65,7 +97,7 @@ class BatchTransform:
     def side(self, progress: float) -> int:
         """Progressive resizing (as ffcv-imagenet does it): ``min_side`` until ``ramp_start``
         of training, then linearly up to the full side at ``ramp_end``, in steps of 4 px."""
-        full, low = self.spec.resolution, self.params.min_side
+        full, low = self.full, self.params.min_side
         if low is None or low >= full:
             return full
         start, end = self.params.ramp_start, max(self.params.ramp_end, self.params.ramp_start)
@@ -73,23 +105,40 @@ class BatchTransform:
         return min(full, int(round((low + share * (full - low)) / 4) * 4))
 
     def resize(self, x: torch.Tensor, progress: float) -> torch.Tensor:
-        side = self.side(progress)
-        if side == x.shape[-1]:
-            return x
-        return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
+        return resize_to(x, self.side(progress))
 
-    def __call__(self, images: torch.Tensor, index: np.ndarray, epoch: int) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, index: np.ndarray, epoch: int, maps: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The augmented batch, and ``maps`` augmented alike (``None`` stays ``None``)."""
         g = self.geometry.uniforms
         u = record_uniforms(self.seed, epoch, index, g + 3 + 5)
+        geometry = self.geometry.sample(u[:, :g])
+        if maps is not None:
+            side = images.shape[-2:]
+            maps = F.interpolate(maps.float(), size=side, mode="bilinear", align_corners=False)
+            maps = self.geometry.apply(maps, geometry)
         if self.spec.small_images:
-            x = self.geometry.apply(normalize(images, self.spec), self.geometry.sample(u[:, :g]))
+            x = self.geometry.apply(normalize(images, self.spec), geometry)
         else:
-            x = self.geometry.apply(images.float() / 255, self.geometry.sample(u[:, :g]))
+            x = self.geometry.apply(images.float() / 255, geometry)
             x = colour_jitter(x, u[:, g : g + 3]) * 255
             x = normalize(x, self.spec)
         if self.erasing:
             x = random_erasing(x, u[:, g + 3 :], self.erasing)
-        return x.contiguous(memory_format=torch.channels_last)
+            if maps is not None:
+                maps = random_erasing(maps, u[:, g + 3 :], self.erasing)
+        return x.contiguous(memory_format=torch.channels_last), maps
+
+
+def resize_to(x: torch.Tensor, side: int) -> torch.Tensor:
+    """``x`` at ``side``: bicubic up (the vitmask report's upsampling), area-aware bilinear
+    down (progressive resizing)."""
+    if side == x.shape[-1]:
+        return x
+    if side > x.shape[-1]:
+        return F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False)
+    return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
 
 
 @dataclass
@@ -124,6 +173,7 @@ class Trainer:
         out: Path,
         context: Context,
         labels: Path | None = None,
+        prior: Path | None = None,
     ) -> None:
         from ran.models import find_variant
 
@@ -138,7 +188,8 @@ class Trainer:
                 "processes"
             )
         clean = read_records(data / "train.beton")["label"]
-        self.labels_path = labels
+        self.labels_path, self.prior_path = labels, prior
+        self.prior_maps = _prior_maps(params, prior, self.meta)
         self.labels = load_labels(labels, len(clean), self.meta["num_classes"]) if labels else clean
         self.train_indices, self.holdout_indices = holdout_split(
             self.labels, params.holdout, params.seed
@@ -156,6 +207,7 @@ class Trainer:
             },
             "train_sha256": self.meta["splits"]["train"]["sha256"],
             "labels_sha256": sha256_file(labels) if labels else None,
+            "prior_sha256": sha256_file(prior / "train.npy") if prior else None,
             "world": context.world,
         }
 
@@ -259,18 +311,20 @@ class Trainer:
         """One optimiser step; returns (loss, correct) as tensors (no host sync)."""
         p, device = self.params, self.ctx.device
         index_np = index.numpy()
-        x = self.transform(images, index_np, self.progress.epoch)
+        maps = prior_batch(self.prior_maps, index_np, device)
+        x, maps = self.transform(images, index_np, self.progress.epoch, maps)
         x = self.transform.resize(x, self.progress.iteration / self.recipe.iterations)
+        inputs = (x,) if maps is None else (x, maps)
         y = self.labels_on_device[index.to(device, non_blocking=True)]
         autocast = torch.autocast(device.type, dtype=self.dtype) if self.dtype else nullcontext()
         with autocast:
             if p.mixup > 0:
                 lam, perm = self._mixup_draw(len(y))
-                x = lam * x + (1 - lam) * x[perm]
-                logits = self.step_model(x)
+                inputs = tuple(lam * t + (1 - lam) * t[perm] for t in inputs)
+                logits = self.step_model(*inputs)
                 loss = lam * self.criterion(logits, y) + (1 - lam) * self.criterion(logits, y[perm])
             else:
-                logits = self.step_model(x)
+                logits = self.step_model(*inputs)
                 loss = self.criterion(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -296,7 +350,9 @@ class Trainer:
 
         self.model.eval()
         correct = total = 0
-        for logits, _, index in predict(self.model, self.holdout_loader, self.spec, self.dtype):
+        spec = replace(self.spec, resolution=network_side(self.spec, self.params))
+        batches = predict(self.model, self.holdout_loader, spec, self.dtype, prior=self.prior_maps)
+        for logits, _, index in batches:
             labels = self.labels[index.numpy()]
             correct += int((logits.argmax(1).cpu().numpy() == labels).sum())
             total += len(labels)

@@ -36,7 +36,8 @@ class Recipe:
 
 
 def model_options(params: TrainParams) -> dict[str, Any]:
-    """The builder options of the chosen family (a ResNet takes only ``width``)."""
+    """The builder options of the chosen family (a ResNet takes only ``width``, vitmask its
+    mask strength too)."""
     if params.family == "attention":
         return {
             "arl": params.learning == "arl",
@@ -44,6 +45,8 @@ def model_options(params: TrainParams) -> dict[str, Any]:
             "mask": params.mask.replace("-", "_"),
             "width": params.width,
         }
+    if params.family == "vitmask":
+        return {"strength": params.mask_strength, "width": params.width}
     return {"width": params.width} if params.width != 1.0 else {}
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from ran.config import TrainParams
 from ran.train import checkpoint, distributed
-from ran.train.loop import Trainer
+from ran.train.loop import Trainer, network_side
 
 Resume = Literal["no", "yes", "auto"]
 CURVES = "curves.csv"
@@ -32,11 +32,21 @@ def model_record(trainer: Trainer, run_id: str) -> dict[str, Any]:
         "dataset": trainer.meta["dataset"],
         "mean": list(trainer.spec.mean),
         "std": list(trainer.spec.std),
-        "input_size": trainer.spec.resolution,
+        "input_size": network_side(trainer.spec, trainer.params),
         "small_images": trainer.spec.small_images,
         "iteration": trainer.progress.iteration,
         "run_id": run_id,
+        "prior": _prior_record(trainer),
     }
+
+
+def _prior_record(trainer: Trainer) -> dict[str, Any] | None:
+    """What made the prior maps the network was trained with (``None``: it takes none)."""
+    if trainer.prior_path is None:
+        return None
+    report = json.loads((trainer.prior_path / "report.json").read_text())
+    keys = ("vit", "init", "weights_sha256", "size", "grid", "aggregate")
+    return {k: report.get(k) for k in keys}
 
 
 def _write_csv(path: Path, rows: list[dict[str, float]]) -> None:
@@ -151,6 +161,9 @@ def _log_inputs(trainer: Trainer) -> None:
     if trainer.labels_path is not None:
         digest = trainer.fingerprint["labels_sha256"]
         log_file_dataset(trainer.labels_path, "labels", digest, "labels")
+    if trainer.prior_path is not None:
+        digest = trainer.fingerprint["prior_sha256"]
+        log_file_dataset(trainer.prior_path / "train.npy", "prior-train", digest, "prior")
 
 
 def registered_name(trainer: Trainer) -> str:
@@ -160,9 +173,22 @@ def registered_name(trainer: Trainer) -> str:
 
 def _log_model(trainer: Trainer, register: bool) -> None:
     """``model.pt`` as the run's MLflow image model (bytes in, top-5 classes out; loads
-    without unpickling), registered under :func:`registered_name` when ``register``."""
+    without unpickling), registered under :func:`registered_name` when ``register``.
+
+    A network that takes a ViT prior cannot score bare image bytes (the prior needs the
+    ViT), so its ``model.pt`` is logged as a plain artifact instead."""
+    import mlflow
+
     from ran.inference.predictor import log_image_model
 
+    if trainer.prior_path is not None:
+        mlflow.log_artifact(str(trainer.out / checkpoint.MODEL), "model")
+        print(
+            "model.pt logged as an artifact, not as an MLflow image model: a vitmask network "
+            "needs a prior map per image, which the image model does not compute",
+            file=sys.stderr,
+        )
+        return
     log_image_model(trainer.out / checkpoint.MODEL, registered_name(trainer) if register else None)
 
 
@@ -174,12 +200,13 @@ def train_model(
     labels: Path | None = None,
     resume: Resume = "no",
     tags: dict[str, str] | None = None,
+    prior: Path | None = None,
 ) -> dict[str, Any]:
     """Train into ``out``: ``checkpoint-last.pt``, ``model.pt`` (+ ``model-best.pt`` with a
     hold-out), ``curves.csv``, ``summary.json``; one MLflow run; returns the summary."""
     context = distributed.setup(params.device)
     try:
-        trainer = Trainer(params, data, out, context, labels)
+        trainer = Trainer(params, data, out, context, labels, prior)
         if context.main:
             out.mkdir(parents=True, exist_ok=True)
         distributed.barrier(context)
@@ -216,6 +243,7 @@ def _main_process(
             **trainer.params.model_dump(mode="json"),
             "data": str(trainer.data),
             "labels": str(trainer.labels_path) if trainer.labels_path else None,
+            "prior": str(trainer.prior_path) if trainer.prior_path else None,
             "variant": trainer.variant.name,
             "resolved_iterations": trainer.recipe.iterations,
             "resolved_milestones": trainer.recipe.milestones,

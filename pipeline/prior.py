@@ -1,0 +1,30 @@
+"""DVC stage ``prior`` of ``studies/dvc.yaml``: an ingest output → data/prior/DATASET
+(train.npy, val.npy: the ViT's [CLS] attention per record; report.json, sample.png).
+
+Usage: ``python pipeline/prior.py DATASET``. params.yaml's ``prior`` section, with the
+vitmask study's profile overlay (``studies.vitmask.<profile>.prior``: the CPU profile's
+smaller input, for one) laid over it.
+"""
+
+import sys
+from pathlib import Path
+
+from ran.config import PriorParams, TrackingParams, load_section, profiled_section, study_overlay
+from ran.errors import user_errors
+from ran.pipeline import stage_profile, stage_tags
+from ran.prior import tracked_prior
+from ran.studies.cell import PRIORS, ingest_folder
+
+
+def main(dataset: str) -> None:
+    profile = stage_profile()
+    overlay = study_overlay("prior", profile, study="vitmask")
+    params = profiled_section("prior", PriorParams, profile, Path("params.yaml"), overlay)
+    data = ingest_folder(dataset)
+    tracking = load_section("mlflow", TrackingParams)
+    tags = stage_tags("prior", deps=[str(data)])
+    tracked_prior(params, data, PRIORS / dataset, tracking.experiment, tags=tags)
+
+
+if __name__ == "__main__":
+    user_errors(main)(*sys.argv[1:2])

@@ -1,0 +1,272 @@
+"""The prior stage: an ingest output's images → one ViT [CLS]-attention map per record, tracked.
+
+``OUT/train.npy`` and ``OUT/val.npy`` (float16, records × h × w, memory-mappable) are
+indexed by record, like the noise stage's labels, so training reads a batch's maps by the
+indices its loader yields and the images are never copied. The maps are computed on the
+images as the loaders cut them (CIFAR-size: the stored image; ImageNet-size: training's
+central square and evaluation's centre crop), so a map lies over the pixels it describes.
+``report.json`` says which ViT, which weights and which data made them (training checks
+the last), ``sample.png`` shows images beside their maps, ``validation.json`` holds the
+Great Expectations results.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ran.config import PriorParams
+from ran.errors import RanError
+from ran.outputs import claim_output, staged_output
+
+SPLITS = ("train", "val")
+OUTPUTS = ("train.npy", "val.npy", "report.json", "sample.png", "validation.json")
+SUM_SLACK = 0.01  # float16 rounding of a map's patch weights (which sum to at most 1)
+
+
+def _progress() -> Any:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),  # stdout is the command's JSON answer
+    )
+
+
+def _split_maps(
+    vit: Any, params: PriorParams, data: Path, split: str, meta: dict, path: Path, bar: Any
+) -> np.ndarray:
+    """Every record's map of ``split`` into a new ``.npy`` at ``path``; returns it (mapped)."""
+    import torch
+
+    from ran.data.beton import LoaderSpec, make_loader
+    from ran.prior.vit import cls_attention, vit_normalize
+
+    device = next(vit.parameters()).device
+    count = meta["splits"][split]["count"]
+    loader = make_loader(
+        data / f"{split}.beton",
+        LoaderSpec.from_meta(meta),
+        params.batch_size,
+        train=split == "train",  # the geometry that split's training or test loader cuts
+        num_workers=params.num_workers,
+        device=str(device),
+    )
+    grid = vit.patch_embed.grid_size
+    maps = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(count, *grid))
+    seen = np.zeros(count, dtype=bool)
+    task = bar.add_task(f"prior {split}", total=count)
+    autocast = device.type == "cuda"
+    with torch.inference_mode(), torch.autocast(device.type, enabled=autocast):
+        for images, _, index in loader:
+            x = vit_normalize(images.to(device), vit, params.size)
+            found = cls_attention(vit, x, params.aggregate).float().cpu().numpy()
+            rows = index.numpy()
+            maps[rows] = found.astype(np.float16)
+            seen[rows] = True
+            bar.advance(task, len(rows))
+    if not seen.all():
+        raise RanError(f"{data / f'{split}.beton'} lacks {int((~seen).sum())} records: re-ingest")
+    maps.flush()
+    return maps
+
+
+def _frame(maps: np.ndarray) -> Any:
+    """One row per record: its index and its map's sum, minimum, maximum, finiteness."""
+    import pandas as pd
+
+    flat = maps.reshape(len(maps), -1).astype(np.float32)
+    return pd.DataFrame(
+        {
+            "index": np.arange(len(maps)),
+            "map_sum": flat.sum(1),
+            "map_min": flat.min(1),
+            "map_max": flat.max(1),
+            "finite": np.isfinite(flat).all(1),
+        }
+    )
+
+
+def validate_prior(maps: dict[str, np.ndarray], counts: dict[str, int]) -> Any:
+    """Great Expectations on each split's per-record table: one map per record, every
+    weight finite and in [0, 1], a map's weights summing to at most 1 (a softmax row)."""
+    import great_expectations.expectations as gxe
+
+    from ran.data.validate import check_frames
+
+    def expectations(count: int) -> list[Any]:
+        return [
+            gxe.ExpectTableRowCountToEqual(value=count),
+            gxe.ExpectColumnValuesToBeUnique(column="index"),
+            gxe.ExpectColumnValuesToBeInSet(column="finite", value_set=[True]),
+            gxe.ExpectColumnValuesToBeBetween(column="map_min", min_value=0, max_value=1),
+            gxe.ExpectColumnValuesToBeBetween(column="map_max", min_value=0, max_value=1),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="map_sum", min_value=0, max_value=1 + SUM_SLACK
+            ),
+        ]
+
+    return check_frames(
+        "prior", {split: (_frame(m), expectations(counts[split])) for split, m in maps.items()}
+    )
+
+
+def _statistics(maps: np.ndarray) -> dict[str, float]:
+    """How peaked the maps are: normalised entropy (1: uniform) and peak over mean."""
+    flat = maps.reshape(len(maps), -1).astype(np.float64)
+    p = flat / np.maximum(flat.sum(1, keepdims=True), 1e-12)
+    entropy = -(p * np.log(np.maximum(p, 1e-12))).sum(1) / np.log(flat.shape[1])
+    return {
+        "mean_patch_weight_sum": float(flat.sum(1).mean()),
+        "mean_normalised_entropy": float(entropy.mean()),
+        "mean_peak_over_mean": float((p.max(1) * flat.shape[1]).mean()),
+    }
+
+
+def _sample_figure(data: Path, meta: dict, maps: np.ndarray, count: int, path: Path) -> None:
+    """The first ``count`` train images, each beside its map and the map over the image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ran.data.beton import LoaderSpec, make_loader
+
+    count = min(count, len(maps))
+    loader = make_loader(
+        data / "train.beton",
+        LoaderSpec.from_meta(meta),
+        count,
+        train=True,
+        indices=np.arange(count),
+    )
+    images, labels, _ = next(iter(loader))
+    fig, axes = plt.subplots(3, count, figsize=(1.6 * count, 5), squeeze=False)
+    for n in range(count):
+        image = images[n].permute(1, 2, 0).numpy()
+        extent = (0, image.shape[1], image.shape[0], 0)
+        axes[0, n].imshow(image)
+        axes[1, n].imshow(maps[n].astype(np.float32), cmap="inferno")
+        axes[2, n].imshow(image)
+        axes[2, n].imshow(maps[n].astype(np.float32), cmap="inferno", alpha=0.6, extent=extent)
+        axes[0, n].set_title(meta["classes"][int(labels[n])], fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle("train images, their [CLS] attention, the two overlaid", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def make_prior(params: PriorParams, data: Path, out: Path) -> dict[str, Any]:
+    """Run the ViT over ``data``'s train and val splits into ``out`` (all or nothing);
+    returns ``report.json``. Maps that fail validation are an error, and nothing is kept."""
+    from ran.data.sources import sha256_file
+    from ran.prior.vit import load_vit
+    from ran.train.distributed import pick_device
+    from ran.train.loop import read_meta
+
+    meta = read_meta(data)
+    vit = load_vit(
+        params.vit, params.vit_weights, params.size, params.init == "random", params.seed
+    ).to(pick_device(params.device))
+    counts = {split: meta["splits"][split]["count"] for split in SPLITS}
+    with staged_output(out) as tmp:
+        with _progress() as bar:
+            maps = {
+                split: _split_maps(vit, params, data, split, meta, tmp / f"{split}.npy", bar)
+                for split in SPLITS
+            }
+        check = validate_prior(maps, counts)
+        (tmp / "validation.json").write_text(json.dumps(check.as_json(), indent=2) + "\n")
+        if not check.success:
+            raise RanError(f"the prior maps failed validation: {check.summary()}")
+        report = {
+            "vit": params.vit,
+            "init": params.init,
+            "weights": str(params.vit_weights) if params.vit_weights else None,
+            "weights_sha256": sha256_file(params.vit_weights) if params.vit_weights else None,
+            "size": params.size,
+            "patch": vit.patch_embed.patch_size[0],
+            "grid": list(vit.patch_embed.grid_size),
+            "aggregate": params.aggregate,
+            "heads": vit.blocks[-1].attn.num_heads,
+            "dataset": meta["dataset"],
+            "records": counts,
+            "data_sha256": {split: meta["splits"][split]["sha256"] for split in SPLITS},
+            **{f"{split}_{k}": v for split in SPLITS for k, v in _statistics(maps[split]).items()},
+        }
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if params.samples:
+            _sample_figure(data, meta, maps["train"], params.samples, tmp / "sample.png")
+    return report
+
+
+def load_prior(prior: Path, split: str, meta: dict) -> np.ndarray:
+    """``prior/{split}.npy`` memory-mapped, checked to be the prior of ``meta``'s data."""
+    path, report_path = prior / f"{split}.npy", prior / "report.json"
+    if not path.is_file() or not report_path.is_file():
+        raise RanError(
+            f"{prior} is not a prior folder (no {path.name} or report.json): run `ran-cli prior`"
+        )
+    report = json.loads(report_path.read_text())
+    if report.get("data_sha256", {}).get(split) != meta["splits"][split]["sha256"]:
+        raise RanError(
+            f"prior {prior} was made from other data than this ingest output's {split} split; "
+            "run `ran-cli prior` on this ingest output"
+        )
+    try:
+        maps = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise RanError(f"prior file {path} is not a .npy array ({exc}); regenerate it") from None
+    if maps.ndim != 3 or len(maps) != meta["splits"][split]["count"]:
+        raise RanError(
+            f"prior file {path} has shape {maps.shape}, expected ({meta['splits'][split]['count']}"
+            ", h, w): regenerate it"
+        )
+    return maps
+
+
+def tracked_prior(
+    params: PriorParams,
+    data: Path,
+    out: Path,
+    experiment: str,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """:func:`make_prior` inside an MLflow run holding ``out``."""
+    import mlflow
+
+    from ran.data.sources import sha256_file
+    from ran.tracking import end_killed_run, log_file_dataset, stage_run
+
+    logged = {**params.model_dump(mode="json"), "data": str(data), "out": str(out)}
+    with claim_output(out) as claim:
+        end_killed_run(claim.previous_run_id)
+        with stage_run("prior", experiment, logged, tags=tags) as run:
+            claim.record_run(run.info.run_id)
+            report = make_prior(params, data, out)
+            mlflow.log_metrics({k: v for k, v in report.items() if isinstance(v, float)})
+            for name in OUTPUTS[2:]:
+                if (out / name).is_file():
+                    mlflow.log_artifact(str(out / name))
+            for split in SPLITS:
+                path = out / f"{split}.npy"
+                log_file_dataset(path, f"prior-{split}", sha256_file(path), context="prior")
+    return report
