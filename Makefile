@@ -13,8 +13,10 @@ lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 
+# Two or more workers (one per core): the end-to-end tests spend much of their time starting
+# interpreters and servers and waiting on them, which overlaps well.
 test: lint
-	.venv/bin/pytest
+	.venv/bin/pytest -n auto --dist worksteal
 
 bench: setup
 	.venv/bin/python benchmarks/loader.py

@@ -217,8 +217,7 @@ def tracked_evaluate(
     """:func:`evaluate` inside an MLflow run linked to the run that trained the model."""
     import mlflow
 
-    from ran.outputs import claim_output
-    from ran.tracking import end_killed_run, stage_run
+    from ran.tracking import output_run
     from ran.train.checkpoint import load
 
     record = load(model_path, "model file", "pass the model.pt written by `ran-cli train`")
@@ -226,21 +225,18 @@ def tracked_evaluate(
     link = {"train_run_id": train_run} if train_run else {}
     logged = {**params.model_dump(mode="json"), "model": str(model_path), "data": str(data)}
     logged["prior"] = str(prior) if prior else None
-    with claim_output(out) as claim:
-        end_killed_run(claim.previous_run_id)
-        with stage_run("evaluate", experiment, logged, tags={**(tags or {}), **link}) as run:
-            claim.record_run(run.info.run_id)
-            if train_run:
-                uri = mlflow.get_tracking_uri()
-                mlflow.set_tag(
-                    "mlflow.note.content",
-                    f"Evaluates the model of training run `{train_run}` "
-                    f"(#/experiments/{run.info.experiment_id}/runs/{train_run}); store {uri}",
-                )
-            metrics = evaluate(model_path, data, out, params, prior)
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "flip"})
-            for name in OUTPUTS:
-                mlflow.log_artifact(str(out / name))
-            if (out / "masks").is_dir():
-                mlflow.log_artifacts(str(out / "masks"), "masks")
+    with output_run("evaluate", experiment, logged, out, tags={**(tags or {}), **link}) as run:
+        if train_run:
+            uri = mlflow.get_tracking_uri()
+            mlflow.set_tag(
+                "mlflow.note.content",
+                f"Evaluates the model of training run `{train_run}` "
+                f"(#/experiments/{run.info.experiment_id}/runs/{train_run}); store {uri}",
+            )
+        metrics = evaluate(model_path, data, out, params, prior)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "flip"})
+        for name in OUTPUTS:
+            mlflow.log_artifact(str(out / name))
+        if (out / "masks").is_dir():
+            mlflow.log_artifacts(str(out / "masks"), "masks")
     return metrics

@@ -125,6 +125,26 @@ def stage_run(
         yield run
 
 
+@contextmanager
+def output_run(
+    stage: str,
+    experiment: str,
+    params: Mapping[str, Any],
+    out: Path,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[Any]:
+    """A :func:`stage_run` that holds the output folder ``out`` while it runs
+    (:func:`ran.outputs.claim_output`): a second run into it is refused, and the run of a
+    process killed while holding it is ended as KILLED first."""
+    from ran.outputs import claim_output
+
+    with claim_output(out) as claim:
+        end_killed_run(claim.previous_run_id)
+        with stage_run(stage, experiment, params, tags=tags) as run:
+            claim.record_run(run.info.run_id)
+            yield run
+
+
 def end_killed_run(run_id: str | None) -> None:
     """End run ``run_id`` as KILLED if it is still RUNNING (its process was killed).
 

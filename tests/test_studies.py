@@ -14,8 +14,8 @@ from conftest import BIN, REPO, run_ok
 from ran.config import EvaluateParams, NoiseParams, TrainParams
 from ran.errors import RanError
 from ran.studies import STUDIES, get_study
-from ran.studies.cell import cell_params
-from ran.studies.report import write_report
+from ran.studies.cell import cell_data, cell_params
+from ran.studies.report import CellResult, markdown, ordering, write_report
 
 
 def test_dvc_matrix_lists_every_cell_of_every_study() -> None:
@@ -64,6 +64,49 @@ def test_cell_parameters_layer_profile_study_and_cell(tmp_path: Path) -> None:
     assert isinstance(evaluate, EvaluateParams) and evaluate.flip is True
     _, paper, _ = cell_params(cell, "paper", path)
     assert (paper.iterations, paper.width, paper.depth) == (None, 1.0, 164)
+
+
+def test_vitmask_study_cells_read_their_data_set_and_prior(tmp_path: Path) -> None:
+    """Rows are data sets, columns the mask strength (and an Attention-56 without a prior);
+    the study's profile overlay (studies.vitmask.<profile>) sets the input size and length."""
+    study = get_study("vitmask")
+    assert [c.paper_error for c in study.cells] == [13.0, 13.4, 16.7, None, 56.6, 57.1, 58.9, None]
+    assert cell_data(study.cell("cifar10-a0.5")) == (
+        Path("data/ingest"),
+        Path("data/prior/cifar10"),
+    )
+    assert cell_data(study.cell("cifar100-attention56")) == (Path("data/cifar100/ingest"), None)
+    path = REPO / "params.yaml"
+    _, quick, _ = cell_params(study.cell("cifar100-a0.5"), "quick", path, "vitmask")
+    assert (quick.family, quick.depth, quick.mask_strength) == ("vitmask", 8, 0.5)
+    assert (quick.optimizer, quick.lr, quick.weight_decay, quick.upsample) == (
+        "adamw",
+        1e-3,
+        5e-4,
+        None,
+    )
+    assert quick.min_side is None and quick.width == 1.0  # not the quick profile's A-56 ones
+    _, paper, _ = cell_params(study.cell("cifar100-a0.5"), "paper", path, "vitmask")
+    assert (paper.upsample, paper.iterations, paper.holdout) == (224, 35157, 5000)
+    _, budget, _ = cell_params(study.cell("cifar10-attention56"), "paper", path, "vitmask")
+    assert (budget.family, budget.depth, budget.iterations) == ("attention", 56, 35157)
+
+
+def test_ordering_compares_the_columns_with_a_published_number(tmp_path: Path) -> None:
+    """The Attention-56 column has no published number: it is shown, not judged."""
+    study = get_study("vitmask")
+    errors = {"a1": 20.0, "a0.5": 21.0, "a0": 22.0, "attention56": 10.0}
+    results = {
+        c.name: CellResult(errors[c.name.split("-", 1)[1]], "id", None)
+        for c in study.cells
+        if c.name.startswith("cifar10-")
+    }
+    results |= {c.name: CellResult(None, None, None) for c in study.cells if c.name not in results}
+    assert ordering(study, results) == [True, None]
+    results["cifar10-a0"] = CellResult(19.0, "id", None)
+    assert ordering(study, results) == [False, None]
+    table = markdown(study, results, "quick")
+    assert "| CIFAR-10 | 20.00 | 13.00 | 21.00 | 13.40 | 19.00 | 16.70 | 10.00 | - |" in table
 
 
 def _finished_evaluate(experiment: str, tags: dict, error: float) -> str:

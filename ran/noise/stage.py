@@ -17,7 +17,7 @@ from ran.errors import RanError
 from ran.figures import matrix_png
 from ran.noise.corrupt import corrupt
 from ran.noise.report import counts_matrix, noise_report, validate_noise
-from ran.outputs import claim_output, staged_output
+from ran.outputs import staged_output
 
 OUTPUTS = ("labels.npy", "report.json", "transition.png", "validation.json")
 
@@ -71,23 +71,20 @@ def tracked_noise(
     import mlflow
 
     from ran.data.sources import sha256_file
-    from ran.tracking import end_killed_run, log_file_dataset, stage_run
+    from ran.tracking import log_file_dataset, output_run
 
     logged = {**params.model_dump(mode="json"), "data": str(data), "out": str(out)}
-    with claim_output(out) as claim:
-        end_killed_run(claim.previous_run_id)
-        with stage_run("noise", experiment, logged, tags=tags) as run:
-            claim.record_run(run.info.run_id)
-            report = make_noisy_labels(params, data, out)
-            mlflow.log_metrics(
-                {
-                    "achieved_rate": report["achieved_rate"],
-                    "flipped_records": report["flipped_records"],
-                    "records": report["records"],
-                }
-            )
-            for name in OUTPUTS[1:]:
-                mlflow.log_artifact(str(out / name))
-            labels = out / "labels.npy"
-            log_file_dataset(labels, "noisy-labels", sha256_file(labels), context="labels")
+    with output_run("noise", experiment, logged, out, tags=tags):
+        report = make_noisy_labels(params, data, out)
+        mlflow.log_metrics(
+            {
+                "achieved_rate": report["achieved_rate"],
+                "flipped_records": report["flipped_records"],
+                "records": report["records"],
+            }
+        )
+        for name in OUTPUTS[1:]:
+            mlflow.log_artifact(str(out / name))
+        labels = out / "labels.npy"
+        log_file_dataset(labels, "noisy-labels", sha256_file(labels), context="labels")
     return report

@@ -20,7 +20,7 @@ import numpy as np
 
 from ran.config import PriorParams
 from ran.errors import RanError
-from ran.outputs import claim_output, staged_output
+from ran.outputs import staged_output
 
 SPLITS = ("train", "val")
 OUTPUTS = ("train.npy", "val.npy", "report.json", "sample.png", "validation.json")
@@ -28,25 +28,12 @@ SUM_SLACK = 0.01  # float16 rounding of a map's patch weights (which sum to at m
 
 
 def _progress() -> Any:
+    """rich's default bar plus a record count, on stderr (stdout is the command's answer)."""
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import MofNCompleteColumn, Progress
 
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),  # stdout is the command's JSON answer
-    )
+    columns = (*Progress.get_default_columns(), MofNCompleteColumn())
+    return Progress(*columns, console=Console(stderr=True))
 
 
 def _split_maps(
@@ -254,19 +241,16 @@ def tracked_prior(
     import mlflow
 
     from ran.data.sources import sha256_file
-    from ran.tracking import end_killed_run, log_file_dataset, stage_run
+    from ran.tracking import log_file_dataset, output_run
 
     logged = {**params.model_dump(mode="json"), "data": str(data), "out": str(out)}
-    with claim_output(out) as claim:
-        end_killed_run(claim.previous_run_id)
-        with stage_run("prior", experiment, logged, tags=tags) as run:
-            claim.record_run(run.info.run_id)
-            report = make_prior(params, data, out)
-            mlflow.log_metrics({k: v for k, v in report.items() if isinstance(v, float)})
-            for name in OUTPUTS[2:]:
-                if (out / name).is_file():
-                    mlflow.log_artifact(str(out / name))
-            for split in SPLITS:
-                path = out / f"{split}.npy"
-                log_file_dataset(path, f"prior-{split}", sha256_file(path), context="prior")
+    with output_run("prior", experiment, logged, out, tags=tags):
+        report = make_prior(params, data, out)
+        mlflow.log_metrics({k: v for k, v in report.items() if isinstance(v, float)})
+        for name in OUTPUTS[2:]:
+            if (out / name).is_file():
+                mlflow.log_artifact(str(out / name))
+        for split in SPLITS:
+            path = out / f"{split}.npy"
+            log_file_dataset(path, f"prior-{split}", sha256_file(path), context="prior")
     return report
