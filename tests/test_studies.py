@@ -226,3 +226,47 @@ def test_report_of_an_unknown_study_is_one_line_error(tmp_path: Path) -> None:
         "error: unknown study 'table9'; valid studies: noise, arl-nal, attention, mask, vitmask"
     ]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_vitmask_cell_runs_in_dvc_after_its_prior_stages(project: tuple, tmp_path: Path) -> None:
+    """``dvc repro`` of one vitmask cell runs what it needs: both ingests (CIFAR-100 from
+    $RAN_CIFAR100_SOURCE), the ``prior`` stage of both data sets (the quick profile's
+    random ViT at 32 px), then the cell, trained and evaluated with the CIFAR-10 maps."""
+    from conftest import write_cifar_python
+    from mlflow import MlflowClient
+
+    repo, env = project
+    env = {**env, "RAN_CIFAR100_SOURCE": str(write_cifar_python(tmp_path, "cifar100", 2))}
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["studies"]["quick"] = TINY_STUDY
+    params["studies"]["vitmask"]["quick"]["train"] |= {"holdout": 0, "batch_size": 20}
+    params["studies"]["vitmask"]["quick"]["train"]["iterations"] = 4
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc = [str(BIN / "dvc"), "repro", "studies/dvc.yaml:vitmask-cell@cifar10-a0.5"]
+    ran = [line for line in run_ok(dvc, repo, env).stdout.splitlines() if "Running" in line]
+    assert sorted(ran[:-1]) == [
+        "Running stage 'ingest':",
+        "Running stage 'studies/dvc.yaml:ingest-cifar100':",
+        "Running stage 'studies/dvc.yaml:prior@cifar10':",
+        "Running stage 'studies/dvc.yaml:prior@cifar100':",
+    ]
+    assert ran[-1] == "Running stage 'studies/dvc.yaml:vitmask-cell@cifar10-a0.5':"
+    import numpy as np
+
+    assert np.load(repo / "data/prior/cifar10/train.npy").shape == (200, 4, 4)
+    assert np.load(repo / "data/prior/cifar100/val.npy").shape == (200, 4, 4)
+    cell = repo / "data/studies/vitmask/cifar10-a0.5"
+    assert json.loads((cell / "evaluate/metrics.json").read_text())["test_records"] == 50
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("residual-attention").experiment_id
+    runs = client.search_runs([experiment], "attributes.status = 'FINISHED'")
+    by_stage = {}
+    for run in runs:
+        by_stage.setdefault(run.data.tags["stage"], []).append(run)
+    assert {r.data.params["init"] for r in by_stage["prior"]} == {"random"}
+    (train,) = by_stage["train"]
+    assert (train.data.params["family"], train.data.params["mask_strength"]) == ("vitmask", "0.5")
+    assert train.data.params["prior"] == "data/prior/cifar10"
+    assert train.data.tags["study.cell"] == "cifar10-a0.5"
