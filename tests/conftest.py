@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import yaml
 
+from ran.data.sources import SAFE_EXTRACTION
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment the tests run in (.venv/bin)
 SHARED_DATA = Path(os.environ.get("RAN_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -40,7 +42,7 @@ def _extract(archive: Path, target: Path) -> Path:
     if not archive.is_file():
         pytest.fail(f"real test data missing: {archive} (set RAN_SHARED_DATA)")
     with tarfile.open(archive) as tar:
-        tar.extractall(target, filter="data")
+        tar.extractall(target, **SAFE_EXTRACTION)
     return target
 
 

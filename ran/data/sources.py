@@ -135,12 +135,17 @@ def _checked_members(tar: tarfile.TarFile, archive: Path) -> list[tarfile.TarInf
     return members
 
 
+# tarfile's extraction filters came with Python 3.11.4 (Debian 12 ships 3.11.2); without
+# them, _checked_members alone refuses what the "data" filter would.
+SAFE_EXTRACTION = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
+
 def extract_archive(archive: Path, target: Path) -> Path:
     """Safely extract a ``.tar``/``.tar.gz`` into ``target`` and return ``target``."""
     try:
         with tarfile.open(archive) as tar:
             members = _checked_members(tar, archive)
-            tar.extractall(target, members=members, filter="data")
+            tar.extractall(target, members=members, **SAFE_EXTRACTION)
     except tarfile.TarError as exc:
         raise RanError(f"cannot read archive {archive}: {exc}; check the file is a tar") from exc
     return target
