@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from ran.config import IngestParams, TrackingParams, load_section, with_source_override
+from ran.config import IngestParams, TrackingParams, load_section, parse, with_source_override
 from ran.data.ingest import tracked_ingest
 from ran.errors import user_errors
 from ran.pipeline import stage_tags
@@ -25,8 +25,8 @@ def main(dataset: str | None = None) -> None:
         params = with_source_override(params)
     else:
         source = os.environ.get(f"RAN_{dataset.upper().replace('-', '_')}_SOURCE")
-        params = params.model_copy(update={"dataset": dataset, "source": source})
-        params = IngestParams.model_validate(params.model_dump())
+        values = {**params.model_dump(), "dataset": dataset, "source": source}
+        params = parse(IngestParams, values, "ingest")
         out = ingest_folder(dataset)
     tracking = load_section("mlflow", TrackingParams)
     tracked_ingest(params, out, tracking.experiment, tags=stage_tags("ingest", deps=[]))

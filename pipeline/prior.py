@@ -7,9 +7,15 @@ smaller input, for one) laid over it.
 """
 
 import sys
-from pathlib import Path
 
-from ran.config import PriorParams, TrackingParams, load_section, profiled_section, study_overlay
+from ran.config import (
+    PARAMS_FILE,
+    PriorParams,
+    TrackingParams,
+    load_section,
+    profiled_section,
+    study_overlay,
+)
 from ran.errors import user_errors
 from ran.pipeline import stage_profile, stage_tags
 from ran.prior import tracked_prior
@@ -19,7 +25,7 @@ from ran.studies.cell import PRIORS, ingest_folder
 def main(dataset: str) -> None:
     profile = stage_profile()
     overlay = study_overlay("prior", profile, study="vitmask")
-    params = profiled_section("prior", PriorParams, profile, Path("params.yaml"), overlay)
+    params = profiled_section("prior", PriorParams, profile, PARAMS_FILE, overlay)
     data = ingest_folder(dataset)
     tracking = load_section("mlflow", TrackingParams)
     tags = stage_tags("prior", deps=[str(data)])

@@ -121,7 +121,7 @@ def evaluate(
     A network trained with a ViT prior needs ``prior`` (the prior stage's folder)."""
     from ran.train.checkpoint import load_model
     from ran.train.distributed import pick_device
-    from ran.train.loop import read_meta
+    from ran.train.loop import prior_batch, read_meta
 
     model, record = load_model(model_path)
     meta = read_meta(data)
@@ -196,11 +196,7 @@ def evaluate(
                 writer.writerow([index, classes[actual], classes[predicted]])
         if params.masks:
             first = _first_images(data, spec, params.masks)
-            first_maps = (
-                None
-                if maps is None
-                else torch.from_numpy(np.asarray(maps[: len(first)], dtype=np.float32))[:, None]
-            )
+            first_maps = prior_batch(maps, np.arange(len(first)), first.device)
             _mask_figures(model, first, spec, tmp / "masks", first_maps)
     return metrics
 

@@ -82,7 +82,7 @@ class Predictor:
         from ran.train.checkpoint import load_model
 
         model, record = load_model(path)
-        if record.get("prior"):
+        if getattr(model, "takes_prior", False):
             raise RanError(
                 f"{path} is a vitmask network: it needs a ViT prior map per image, which "
                 "predict and serve do not compute; score it with `ran-cli evaluate --prior`"

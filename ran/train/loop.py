@@ -55,17 +55,19 @@ def network_side(spec: LoaderSpec, params: TrainParams) -> int:
     return params.upsample if params.upsample and spec.small_images else spec.resolution
 
 
-def _prior_maps(params: TrainParams, prior: Path | None, meta: dict[str, Any]) -> Any:
-    """The train split's prior maps (memory-mapped) when the network takes them."""
+def _prior_maps(variant: Any, prior: Path | None, meta: dict[str, Any]) -> Any:
+    """The train split's prior maps (memory-mapped) when the network takes them (its class
+    says so: ``takes_prior``)."""
     from ran.prior import load_prior
 
-    if params.family == "vitmask" and prior is None:
+    takes = getattr(variant.build, "takes_prior", False)
+    if takes and prior is None:
         raise RanError(
-            "--family vitmask needs the ViT attention prior: run `ran-cli prior` and pass its "
-            "output with --prior"
+            f"--family {variant.family} needs the ViT attention prior: run `ran-cli prior` and "
+            "pass its output with --prior"
         )
-    if params.family != "vitmask" and prior is not None:
-        raise RanError(f"--prior is for --family vitmask; {params.family} takes no prior")
+    if prior is not None and not takes:
+        raise RanError(f"--prior is for --family vitmask; {variant.family} takes no prior")
     return load_prior(prior, "train", meta) if prior else None
 
 
@@ -189,7 +191,7 @@ class Trainer:
             )
         clean = read_records(data / "train.beton")["label"]
         self.labels_path, self.prior_path = labels, prior
-        self.prior_maps = _prior_maps(params, prior, self.meta)
+        self.prior_maps = _prior_maps(self.variant, prior, self.meta)
         self.labels = load_labels(labels, len(clean), self.meta["num_classes"]) if labels else clean
         self.train_indices, self.holdout_indices = holdout_split(
             self.labels, params.holdout, params.seed
