@@ -7,6 +7,7 @@ stages write to the same store wherever they are started from.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -33,7 +34,30 @@ def repo_root() -> Path:
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    """The store's URI; a local SQLite store is created first (:func:`_create_sqlite_store`)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        _create_sqlite_store(uri)
+    return uri
+
+
+@functools.cache
+def _create_sqlite_store(uri: str) -> None:
+    """Create or upgrade the SQLite store's tables now, under a lock file beside it.
+
+    MLflow builds a new database's tables on first use, and two processes doing that at once
+    both fail ("duplicate column name: step"): two DVC stages, or a training and the UI,
+    started together on a fresh store. Once per URI and process.
+    """
+    from filelock import FileLock
+    from mlflow import MlflowClient
+
+    _quiet_mlflow()
+    database = Path(uri.removeprefix("sqlite:///"))
+    with FileLock(database.with_name(f"{database.name}.lock")):
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # the tracking tables
+        client.search_registered_models(max_results=1)  # the model registry's
 
 
 def _git(root: Path, *args: str) -> str | None:

@@ -275,6 +275,36 @@ def test_stage_run_continues_a_run_and_end_killed_run(tmp_path: Path) -> None:
     assert "\n" not in str(error.value)
 
 
+# A stage that starts its run the moment argv[1] exists (mlflow imported before).
+STARTER = """
+import sys, time
+from pathlib import Path
+import mlflow
+from ran.tracking import stage_run
+while not Path(sys.argv[1]).exists():
+    time.sleep(0.01)
+with stage_run("stage", "together", {}):
+    pass
+"""
+
+
+def test_stages_started_together_on_a_fresh_store(tmp_path: Path) -> None:
+    """MLflow builds a new SQLite store's tables on first use: stages started at once (two
+    DVC stages, a training and the UI) must not race to build them."""
+    go = tmp_path / "go"
+    starters = [
+        subprocess.Popen(
+            [sys.executable, "-c", STARTER, str(go)], stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    time.sleep(1)
+    go.touch()
+    errors = [p.communicate(timeout=120)[1] for p in starters]
+    assert [p.returncode for p in starters] == [0] * 4, "\n".join(errors)[-3000:]
+    assert len(_mlflow_runs("together")) == 4
+
+
 def _mlflow_runs(experiment: str) -> list:
     from mlflow import MlflowClient
 

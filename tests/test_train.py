@@ -48,7 +48,9 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def _client():
     from mlflow import MlflowClient
 
-    return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    from ran.tracking import tracking_uri
+
+    return MlflowClient(tracking_uri())  # the store built under ran's lock, as the CLI's
 
 
 def _runs(name: str) -> list:
