@@ -4,6 +4,7 @@ image format PIL reads, mask overlays, and one-line errors for bad input."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,11 +43,26 @@ def _evaluation_probabilities(model: Path, data: Path) -> dict[int, np.ndarray]:
     return probs
 
 
+@pytest.fixture(scope="module")
+def upsampled_model(small_ingest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny network trained on ``small_ingest``'s 32 px images bicubic-upsampled to 40."""
+    from conftest import REPO, TINY_TRAIN, run_ok
+
+    out = tmp_path_factory.mktemp("upsampled") / "train"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent / 'mlflow.db'}"}
+    args = ["train", "--data", small_ingest, "--out", out, *TINY_TRAIN, "--iterations", "30"]
+    run_ok([*CLI, *map(str, args), "--upsample", "40", "--no-log-model"], REPO, env)
+    return out
+
+
+@pytest.mark.parametrize("model", ["trained_model", "upsampled_model"])
 def test_predictions_equal_evaluation_on_the_test_files(
-    trained_model: Path, small_ingest: Path, cifar10_small: Path
+    model: str, small_ingest: Path, cifar10_small: Path, request: pytest.FixtureRequest
 ) -> None:
     """Every real test JPEG, predicted from its file, gets the probabilities evaluation
-    computed for its record (all 10 classes, so the whole distribution is compared)."""
+    computed for its record (all 10 classes, so the whole distribution is compared), also
+    for a network trained on upsampled images (cut at 32 px, then upsampled as in training)."""
+    trained_model = request.getfixturevalue(model)
     rows = json.loads(_predict(cifar10_small / "test", "--model", trained_model, "--json",
                                "--top", 10).stdout)  # fmt: skip
     expected = _evaluation_probabilities(trained_model, small_ingest)

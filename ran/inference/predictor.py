@@ -113,15 +113,17 @@ class Predictor:
         return self
 
     def inputs(self, images: list[np.ndarray]) -> torch.Tensor:
-        """Decoded images (H×W×3 uint8) as the network's ``uint8`` N×3×S×S batch."""
-        spec = self.spec
-        cut = [network_input(image, spec.resolution, spec.small_images) for image in images]
+        """Decoded images (H×W×3 uint8) cut as the loader cut the training data: a ``uint8``
+        N×3×S×S batch at the data's side (:func:`network_view` upsamples it further for a
+        network trained with ``--upsample``; records before ``data_side``: the input size)."""
+        side = self.record.get("data_side", self.record["input_size"])
+        cut = [network_input(image, side, self.spec.small_images) for image in images]
         return torch.from_numpy(np.stack(cut)).permute(0, 3, 1, 2)
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Class probabilities (N×K, float32 on the CPU) of a ``uint8`` input batch."""
         with torch.inference_mode():
-            x = normalize(batch.to(self.device), self.spec)
+            x = network_view(batch.to(self.device), self.spec)
             return class_scores(self.model, x, self.flip).softmax(1).cpu()
 
     def top(self, probs: torch.Tensor, k: int = TOP) -> list[dict[str, list]]:

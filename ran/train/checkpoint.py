@@ -7,8 +7,8 @@ needs to continue as if it had never stopped. Files are written to a temporary n
 renamed, so a crash mid-write leaves the previous checkpoint intact.
 
 ``model.pt`` holds the weights plus what rebuilds the network without the training code's
-configuration: variant, options, number of classes, class names, normalisation and input
-size.
+configuration: variant, options, number of classes, class names, normalisation, the data's
+side and the network's input size (larger for a network trained with ``--upsample``).
 """
 
 from __future__ import annotations

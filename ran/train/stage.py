@@ -33,6 +33,7 @@ def model_record(trainer: Trainer, run_id: str) -> dict[str, Any]:
         "mean": list(trainer.spec.mean),
         "std": list(trainer.spec.std),
         "input_size": network_side(trainer.spec, trainer.params),
+        "data_side": trainer.spec.resolution,  # what the loader gives, before --upsample
         "small_images": trainer.spec.small_images,
         "iteration": trainer.progress.iteration,
         "run_id": run_id,
