@@ -18,6 +18,8 @@ are answered as usual.
 
 import base64
 import binascii
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +121,22 @@ def local_model(model: str, folder: Path) -> str:
     return model
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (``kill PID``, ``docker stop``) as Ctrl-C: LitServe then stops its API-server
+    and inference processes and waits for them; Python's default would exit at once and
+    leave them running, holding the port. A forked worker that inherits the handler keeps
+    the default (uvicorn re-raises the signal once it has shut down)."""
+    server = os.getpid()
+
+    def stop(signum: int, frame: Any) -> None:
+        if os.getpid() == server:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def serve(
     model: str,
     host: str = "127.0.0.1",
@@ -134,6 +152,7 @@ def serve(
     from fastapi.exceptions import RequestValidationError
 
     accelerator = "cuda" if device.startswith("cuda") else device
+    _stop_on_sigterm()
     with tempfile.TemporaryDirectory(prefix="ran-serve-") as folder:
         api = ImageAPI(local_model(model, Path(folder)), max_batch_size, batch_timeout)
         server = ls.LitServer(api, accelerator=accelerator, timeout=60, fast_queue=True)

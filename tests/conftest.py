@@ -149,12 +149,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _group_alive(pgid: int) -> list[str]:
+    """The running processes of group ``pgid`` (zombies aside: an exited child that nobody
+    reaps, where PID 1 does not, runs nothing and holds no port)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                alive.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue  # gone meanwhile
+    return alive
+
+
 @contextmanager
 def serving(
-    args: list[str], url: str, log: Path, cwd: Path | None = None, env: dict | None = None
+    args: list[str],
+    url: str,
+    log: Path,
+    cwd: Path | None = None,
+    env: dict | None = None,
+    stops_cleanly: bool = False,
 ) -> Iterator[str]:
     """Run ``args`` (a server and its children, in their own process group) until ``url``
-    answers /health; stop the whole group afterwards."""
+    answers /health; stop the whole group afterwards.
+
+    ``stops_cleanly``: first send SIGTERM to the server alone (as ``kill PID`` or ``docker
+    stop`` does), and fail unless it exits and takes all its children with it."""
     with open(log, "wb") as out:
         server = subprocess.Popen(
             args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -171,6 +193,14 @@ def serving(
                     pytest.fail(f"{args[:3]} did not serve {url}:\n{log.read_text()[-3000:]}")
                 time.sleep(0.5)
         yield url
+        if stops_cleanly:
+            server.terminate()
+            server.wait(timeout=60)
+            deadline = time.monotonic() + 10  # multiprocessing's tracker sees the exit, ends
+            while _group_alive(server.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            left = _group_alive(server.pid)
+            assert not left, f"{args[:3]} left processes after SIGTERM: {left}"
     finally:
         for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
             try:
