@@ -132,15 +132,21 @@ def small_ingest(cifar10_small: Path, tmp_path_factory: pytest.TempPathFactory) 
 TINY_TRAIN = ["--depth", "56", "--width", "0.25", "--batch-size", "20", "--device", "cpu"]
 
 
-@pytest.fixture(scope="session")
-def trained_model(small_ingest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny network trained 30 steps on ``small_ingest`` (its predictions are not uniform):
-    the ``ran-cli train`` output folder, read-only; nothing logged to MLflow."""
-    out = tmp_path_factory.mktemp("trained") / "train"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent / 'mlflow.db'}"}
-    args = ["train", "--data", small_ingest, "--out", out, *TINY_TRAIN, "--iterations", "30"]
+def train_tiny(data: Path, folder: Path, *extra: str) -> Path:
+    """A tiny network trained 30 steps on ``data`` (its predictions are not uniform), with
+    ``extra`` train options: the ``ran-cli train`` output folder ``folder/train``; its MLflow
+    store is ``folder``'s own, and no model is logged."""
+    out = folder / "train"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
+    args = ["train", "--data", data, "--out", out, *TINY_TRAIN, "--iterations", "30", *extra]
     run_ok([sys.executable, "-m", "ran.cli", *map(str, args), "--no-log-model"], REPO, env)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_model(small_ingest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`train_tiny` on ``small_ingest``, read-only."""
+    return train_tiny(small_ingest, tmp_path_factory.mktemp("trained"))
 
 
 def free_port() -> int:

@@ -4,7 +4,6 @@ image format PIL reads, mask overlays, and one-line errors for bad input."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,13 +45,9 @@ def _evaluation_probabilities(model: Path, data: Path) -> dict[int, np.ndarray]:
 @pytest.fixture(scope="module")
 def upsampled_model(small_ingest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny network trained on ``small_ingest``'s 32 px images bicubic-upsampled to 40."""
-    from conftest import REPO, TINY_TRAIN, run_ok
+    from conftest import train_tiny
 
-    out = tmp_path_factory.mktemp("upsampled") / "train"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent / 'mlflow.db'}"}
-    args = ["train", "--data", small_ingest, "--out", out, *TINY_TRAIN, "--iterations", "30"]
-    run_ok([*CLI, *map(str, args), "--upsample", "40", "--no-log-model"], REPO, env)
-    return out
+    return train_tiny(small_ingest, tmp_path_factory.mktemp("upsampled"), "--upsample", "40")
 
 
 @pytest.mark.parametrize("model", ["trained_model", "upsampled_model"])
