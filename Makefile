@@ -1,7 +1,7 @@
 # The two commands a newcomer needs (both set everything up first):
 #   make repro   run the DVC pipeline (dvc repro)
 #   make test    lint, format check, and the whole test suite
-.PHONY: setup repro test lint bench bench-models bench-train lock
+.PHONY: setup repro test lint docs docs-figures bench bench-models bench-train lock
 
 setup:
 	@scripts/setup.sh
@@ -12,6 +12,15 @@ repro: setup
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/mkdocs build --strict
+
+# The documentation site (mkdocs.yml, docs/) into site/; trains nothing.
+docs: setup
+	.venv/bin/mkdocs build --strict
+
+# docs/figures/*.png from a real run's outputs: after `make repro` (and a study).
+docs-figures: setup
+	.venv/bin/python scripts/docs_figures.py
 
 # Two or more workers (one per core): the end-to-end tests spend much of their time starting
 # interpreters and servers and waiting on them, which overlaps well.

@@ -5,7 +5,7 @@ horizontal flip, normalise, float32 NCHW batches of 256, 2 workers):
 
 - ``ran`` — the project's loader as training uses it: :func:`ran.data.beton.make_loader`
   with the seeded training order, then the seeded batch augmentation
-  (:class:`ran.train.loop.BatchTransform`);
+  (:class:`ran.train.augment.BatchTransform`);
 - ``ffcv`` — a plain FFCV pipeline written directly against FFCV, with FFCV's own
   augmentation (fast, but not seeded per record: the bound on what FFCV can do here);
 - ``torchvision`` — ``ImageFolder`` + ``DataLoader`` over the JPEG files.
@@ -69,8 +69,8 @@ class ProjectLoader:
     """The project's FFCV loader and its seeded batch augmentation, epoch after epoch."""
 
     def __init__(self, beton: Path, spec: LoaderSpec) -> None:
+        from ran.train.augment import BatchTransform
         from ran.train.data import seeded_order
-        from ran.train.loop import BatchTransform
 
         self.loader = make_loader(
             beton, spec, BATCH, train=True, num_workers=WORKERS, order=seeded_order(0)
@@ -155,7 +155,7 @@ def main() -> None:
         beton = work / "ingest" / "train.beton"
         train_dir = next(p for p in tree.rglob("train") if p.is_dir())
         mean, std = np.array(meta["mean"]), np.array(meta["std"])
-        spec = LoaderSpec(tuple(mean), tuple(std), resolution=SIDE, small_images=True)
+        spec = LoaderSpec(tuple(mean), tuple(std), side=SIDE, small_images=True)
 
         loaders = {
             "ran (project FFCV loader)": lambda: ProjectLoader(beton, spec),

@@ -44,8 +44,9 @@ CIFAR10_STATS = ([125.3, 123.0, 113.9], [63.0, 62.1, 66.7])  # 0–255 scale
 def quick_model(path: Path, classes: list[str]) -> Path:
     """The quick profile's network with seeded random weights, as a ``model.pt``."""
     from ran.config import TrainParams
+    from ran.data.beton import LoaderSpec
+    from ran.modelfile import model_record, save
     from ran.models import build_model, find_variant
-    from ran.train.checkpoint import FORMAT, save
     from ran.train.recipe import model_options
 
     torch.manual_seed(0)
@@ -57,9 +58,9 @@ def quick_model(path: Path, classes: list[str]) -> Path:
     }
     model = build_model(arch["variant"], arch["num_classes"], **arch["options"])
     mean, std = CIFAR10_STATS
-    save(path, {"format": FORMAT, "arch": arch, "state_dict": model.state_dict(),
-                "classes": classes, "dataset": "cifar10", "mean": mean, "std": std,
-                "input_size": 32, "small_images": True})  # fmt: skip
+    spec = LoaderSpec(tuple(mean), tuple(std), side=32, small_images=True)
+    meta = {"classes": classes, "dataset": "cifar10"}
+    save(path, model_record(arch, model.state_dict(), meta, spec, 32, 0, "", None))
     return path
 
 

@@ -42,7 +42,7 @@ def ffcv_batches(trainer: Trainer) -> Iterator[tuple[torch.Tensor, torch.Tensor]
     epoch = 0
     while True:
         for images, _, index in trainer.loader:
-            x = trainer.transform(images, index.numpy(), epoch)
+            x, _ = trainer.transform(images, index.numpy(), epoch)
             yield x, trainer.labels_on_device[index]
         epoch += 1
 

@@ -7,27 +7,24 @@ $RAN_<DATASET>_SOURCE (e.g. RAN_CIFAR100_SOURCE), else the official download.
 
 import os
 import sys
-from pathlib import Path
 
+from ran import paths
 from ran.config import IngestParams, TrackingParams, load_section, parse, with_source_override
 from ran.data.ingest import tracked_ingest
+from ran.dvc_stage import stage_tags
 from ran.errors import user_errors
-from ran.pipeline import stage_tags
-from ran.studies.cell import ingest_folder
-
-OUT = Path("data/ingest")
 
 
 def main(dataset: str | None = None) -> None:
     params = load_section("ingest", IngestParams)
-    out = OUT
+    out = paths.INGEST
     if dataset is None:
         params = with_source_override(params)
     else:
         source = os.environ.get(f"RAN_{dataset.upper().replace('-', '_')}_SOURCE")
         values = {**params.model_dump(), "dataset": dataset, "source": source}
         params = parse(IngestParams, values, "ingest")
-        out = ingest_folder(dataset)
+        out = paths.ingest_folder(dataset)
     tracking = load_section("mlflow", TrackingParams)
     tracked_ingest(params, out, tracking.experiment, tags=stage_tags("ingest", deps=[]))
 

@@ -4,20 +4,17 @@
 and noisy runs: ``dvc exp run -S noise.kind=symmetric -S noise.rate=0.3``.
 """
 
-from pathlib import Path
-
+from ran import paths
 from ran.config import NoiseParams, TrackingParams, load_section
+from ran.dvc_stage import stage_tags
 from ran.errors import user_errors
-from ran.noise import tracked_noise
-from ran.pipeline import stage_tags
-
-DATA, OUT = Path("data/ingest"), Path("data/noise")
+from ran.noise.stage import tracked_noise
 
 
 def main() -> None:
     params = load_section("noise", NoiseParams)
     tracking = load_section("mlflow", TrackingParams)
-    tracked_noise(params, DATA, OUT, tracking.experiment, tags=stage_tags("noise"))
+    tracked_noise(params, paths.INGEST, paths.NOISE, tracking.experiment, tags=stage_tags("noise"))
 
 
 if __name__ == "__main__":

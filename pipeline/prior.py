@@ -8,6 +8,7 @@ smaller input, for one) laid over it.
 
 import sys
 
+from ran import paths
 from ran.config import (
     PARAMS_FILE,
     PriorParams,
@@ -16,20 +17,19 @@ from ran.config import (
     profiled_section,
     study_overlay,
 )
+from ran.dvc_stage import stage_profile, stage_tags
 from ran.errors import user_errors
-from ran.pipeline import stage_profile, stage_tags
-from ran.prior import tracked_prior
-from ran.studies.cell import PRIORS, ingest_folder
+from ran.prior.stage import tracked_prior
 
 
 def main(dataset: str) -> None:
     profile = stage_profile()
     overlay = study_overlay("prior", profile, study="vitmask")
     params = profiled_section("prior", PriorParams, profile, PARAMS_FILE, overlay)
-    data = ingest_folder(dataset)
+    data = paths.ingest_folder(dataset)
     tracking = load_section("mlflow", TrackingParams)
     tags = stage_tags("prior", deps=[str(data)])
-    tracked_prior(params, data, PRIORS / dataset, tracking.experiment, tags=tags)
+    tracked_prior(params, data, paths.prior_folder(dataset), tracking.experiment, tags=tags)
 
 
 if __name__ == "__main__":

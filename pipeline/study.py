@@ -4,15 +4,13 @@ Usage: ``python pipeline/study.py STUDY CELL`` → data/studies/STUDY/CELL/{nois
 """
 
 import sys
-from pathlib import Path
 
+from ran import paths
 from ran.config import TrackingParams, load_section
+from ran.dvc_stage import stage_profile, stage_tags
 from ran.errors import user_errors
-from ran.pipeline import stage_profile, stage_tags
 from ran.studies import get_study
 from ran.studies.cell import cell_data, run_cell
-
-OUT = Path("data/studies")
 
 
 def main(study_name: str, cell_name: str) -> None:
@@ -21,7 +19,7 @@ def main(study_name: str, cell_name: str) -> None:
     data, prior = cell_data(cell)
     tracking = load_section("mlflow", TrackingParams)
     tags = stage_tags("study", deps=[str(data), *([str(prior)] if prior else [])])
-    out = OUT / study.name / cell.name
+    out = paths.cell_folder(study.name, cell.name)
     profile = stage_profile()
     run_cell(study, cell, data, out, tracking.experiment, profile, tags=tags, prior=prior)
 

@@ -4,21 +4,25 @@ The profile (``profile`` in params.yaml: paper, quick or auto) picks the recipe;
 run resumes from data/train/checkpoint-last.pt when its settings are unchanged.
 """
 
-from pathlib import Path
-
+from ran import paths
 from ran.config import TrackingParams, TrainParams, load_section, profiled_section
+from ran.dvc_stage import stage_profile, stage_tags
 from ran.errors import user_errors
-from ran.pipeline import stage_profile, stage_tags
-from ran.train import train_model
-
-DATA, LABELS, OUT = Path("data/ingest"), Path("data/noise/labels.npy"), Path("data/train")
+from ran.train.stage import train_model
 
 
 def main() -> None:
     params = profiled_section("train", TrainParams, stage_profile())
     tracking = load_section("mlflow", TrackingParams)
-    tags = stage_tags("train")
-    train_model(params, DATA, OUT, tracking.experiment, labels=LABELS, resume="auto", tags=tags)
+    train_model(
+        params,
+        paths.INGEST,
+        paths.TRAIN,
+        tracking.experiment,
+        labels=paths.LABELS,
+        resume="auto",
+        tags=stage_tags("train"),
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ran import paths
 from ran.cli_options import with_model_options
 from ran.config import (
     SOURCE_ENV,
@@ -66,7 +67,7 @@ def ingest(
             f"Default: ${SOURCE_ENV}.",
         ),
     ] = None,
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("data/ingest"),
+    out: Annotated[Path, typer.Option(help="output folder")] = paths.INGEST,
     skip_bad: Annotated[bool, _option("skip_bad", "--skip-bad")] = INGEST["skip_bad"].default,
     seed: Annotated[int, _option("seed")] = INGEST["seed"].default,
     num_workers: Annotated[int, _option("num_workers")] = INGEST["num_workers"].default,
@@ -150,9 +151,9 @@ def models(
 def noise(
     values: dict,
     data: Annotated[Path, typer.Option(help="ingest output whose train labels are made noisy")] = (
-        Path("data/ingest")
+        paths.INGEST
     ),
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("data/noise"),
+    out: Annotated[Path, typer.Option(help="output folder")] = paths.NOISE,
     experiment: Annotated[
         str, typer.Option(help="MLflow experiment")
     ] = TrackingParams.model_fields["experiment"].default,
@@ -163,7 +164,7 @@ def noise(
     OUT/report.json (requested and achieved rate, transition matrix, per-class flips) and
     OUT/transition.png; validated with Great Expectations and logged to MLflow. The images
     are not copied."""
-    from ran.noise import tracked_noise
+    from ran.noise.stage import tracked_noise
 
     params = parse(NoiseParams, values, "noise")
     report = tracked_noise(params, data, out, experiment)
@@ -186,15 +187,15 @@ Without network: download the weights elsewhere (README, "ViT weights") and pass
 @with_model_options(PriorParams)
 def prior(
     values: dict,
-    data: Annotated[Path, typer.Option(help="ingest output (meta.json, train/val.beton)")] = Path(
-        "data/ingest"
-    ),
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("data/prior"),
+    data: Annotated[
+        Path, typer.Option(help="ingest output (meta.json, train/val.beton)")
+    ] = paths.INGEST,
+    out: Annotated[Path, typer.Option(help="output folder")] = paths.PRIORS,
     experiment: Annotated[
         str, typer.Option(help="MLflow experiment")
     ] = TrackingParams.model_fields["experiment"].default,
 ) -> None:
-    from ran.prior import tracked_prior
+    from ran.prior.stage import tracked_prior
 
     params = parse(PriorParams, values, "prior")
     report = tracked_prior(params, data, out, experiment)
@@ -215,10 +216,10 @@ Writes OUT/checkpoint-last.pt, OUT/model.pt, OUT/curves.csv and OUT/summary.json
 @with_model_options(TrainParams)
 def train(
     values: dict,
-    data: Annotated[Path, typer.Option(help="ingest output (meta.json, train.beton)")] = Path(
-        "data/ingest"
-    ),
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("data/train"),
+    data: Annotated[
+        Path, typer.Option(help="ingest output (meta.json, train.beton)")
+    ] = paths.INGEST,
+    out: Annotated[Path, typer.Option(help="output folder")] = paths.TRAIN,
     labels: Annotated[
         Path | None,
         typer.Option(help="labels.npy (int64, one per train record) to train on instead"),
@@ -244,7 +245,7 @@ def train(
     import torch
 
     from ran.config import resolve_profile
-    from ran.train import train_model
+    from ran.train.stage import train_model
 
     base = profile_values("train", resolve_profile(profile, torch.cuda.is_available()))
     params = parse(TrainParams, {**base, **values}, "train")
@@ -260,13 +261,11 @@ def train(
 @with_model_options(EvaluateParams)
 def evaluate(
     values: dict,
-    model: Annotated[Path, typer.Option(help="model.pt written by `ran-cli train`")] = Path(
-        "data/train/model.pt"
-    ),
-    data: Annotated[Path, typer.Option(help="ingest output whose val.beton is scored")] = Path(
-        "data/ingest"
-    ),
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("data/evaluate"),
+    model: Annotated[Path, typer.Option(help="model.pt written by `ran-cli train`")] = paths.MODEL,
+    data: Annotated[
+        Path, typer.Option(help="ingest output whose val.beton is scored")
+    ] = paths.INGEST,
+    out: Annotated[Path, typer.Option(help="output folder")] = paths.EVALUATE,
     prior: Annotated[
         Path | None,
         typer.Option(help="`ran-cli prior` output for this data (models trained with a prior)"),
@@ -302,7 +301,7 @@ PATH is an image or a folder of images (searched recursively). Images are cut to
 @user_errors
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="image files and folders", metavar="PATH...")],
-    model: Annotated[str, typer.Option(help=MODEL_HELP)] = "data/train",
+    model: Annotated[str, typer.Option(help=MODEL_HELP)] = str(paths.TRAIN),
     top: Annotated[int, typer.Option(min=1, help="classes shown per image")] = 5,
     as_json: Annotated[
         bool,
@@ -322,9 +321,9 @@ def predict(
 ) -> None:
     import sys
 
+    from ran.devices import pick_device
     from ran.inference.predict import predict_files
     from ran.inference.predictor import load_predictor
-    from ran.train.distributed import pick_device
 
     predictor = load_predictor(model, str(pick_device(device)), flip)
     result = predict_files(predictor, paths, top, batch_size, skip_bad, masks)

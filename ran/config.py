@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -176,6 +176,7 @@ class PriorParams(_Params):
 Family = Literal["attention", "resnet", "vitmask"]
 Schedule = Literal["step", "cosine", "onecycle"]
 PROFILES = ("paper", "quick")
+DEFAULT_DEPTHS = {"attention": 92, "resnet": 164, "vitmask": 8}  # a family's usual depth
 
 
 class TrainParams(_Params):
@@ -186,10 +187,24 @@ class TrainParams(_Params):
     divided at 200k, 400k and 500k.
     """
 
+    @model_validator(mode="before")
+    @classmethod
+    def _family_depth(cls, values: Any) -> Any:
+        """An unset depth is the family's usual one (ResNet-164, ResNet-8 for vitmask)."""
+        family = values.get("family", "attention") if isinstance(values, dict) else None
+        if family in DEFAULT_DEPTHS and values.get("depth") is None:
+            values = {**values, "depth": DEFAULT_DEPTHS[family]}
+        return values
+
     family: Family = Field(
         "attention", description="network family: attention | resnet | vitmask (needs a prior)"
     )
-    depth: int = Field(92, ge=1, description="network depth (e.g. 56, 92; resnet: 164; vitmask: 8)")
+    depth: int = Field(
+        92,
+        ge=1,
+        description="network depth (e.g. 56, 92); unset: the family's usual one (attention "
+        "92, resnet 164, vitmask 8)",
+    )
     attention: Literal["mixed", "channel", "spatial"] = Field(
         "mixed", description="attention function: mixed | channel | spatial"
     )

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,34 +22,17 @@ import torch
 
 from ran.config import EvaluateParams
 from ran.data.beton import LoaderSpec, make_loader
+from ran.data.meta import read_meta
+from ran.devices import pick_device
 from ran.errors import RanError
 from ran.figures import matrix_png
+from ran.inference.scoring import channel_mean_masks, scored_batches
+from ran.modelfile import MODEL_HINT, load, load_model, loader_spec
 from ran.outputs import staged_output
+from ran.prior.maps import prior_batch, prior_for
+from ran.tracking import log_outputs, tracked_stage
 
 OUTPUTS = ("metrics.json", "per_class.json", "confusion.json", "confusion.png", "predictions.csv")
-
-
-def predict(
-    model: torch.nn.Module,
-    loader: Any,
-    spec: LoaderSpec,
-    dtype: torch.dtype | None = None,
-    flip: bool = False,
-    prior: Any = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``(logits, labels, indices)`` per batch; ``flip`` averages the softmax of each image
-    and its mirror (returned as log-probabilities, so argmax and top-k stay meaningful).
-    ``prior``: the split's maps, indexed by record, for a network that takes them."""
-    from ran.inference.predictor import class_scores, network_view
-    from ran.train.loop import prior_batch
-
-    device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    with torch.inference_mode(), autocast:
-        for images, labels, index in loader:
-            x = network_view(images.to(device, non_blocking=True), spec)
-            maps = prior_batch(prior, index.numpy(), device)
-            yield class_scores(model, x, flip, maps), labels, index
 
 
 def _mask_figures(
@@ -66,8 +47,6 @@ def _mask_figures(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ran.inference.predictor import channel_mean_masks
 
     masks = channel_mean_masks(model, images, spec, prior)
     if not masks:
@@ -98,31 +77,11 @@ def _first_images(data: Path, spec: LoaderSpec, count: int) -> torch.Tensor:
     return images
 
 
-def _val_prior(model: torch.nn.Module, model_path: Path, prior: Path | None, meta: dict) -> Any:
-    """The test split's prior maps when the network takes them; a missing or needless
-    ``prior`` is an error."""
-    from ran.prior import load_prior
-
-    takes = getattr(model, "takes_prior", False)
-    if takes and prior is None:
-        raise RanError(
-            f"{model_path} takes a ViT attention prior: pass the prior stage's folder for this "
-            "data with --prior"
-        )
-    if prior is not None and not takes:
-        raise RanError(f"--prior is for networks trained with one; {model_path} takes none")
-    return load_prior(prior, "val", meta) if prior else None
-
-
 def evaluate(
     model_path: Path, data: Path, out: Path, params: EvaluateParams, prior: Path | None = None
 ) -> dict[str, Any]:
     """Score ``model_path`` on ``data/val.beton`` into ``out``; returns ``metrics.json``.
     A network trained with a ViT prior needs ``prior`` (the prior stage's folder)."""
-    from ran.train.checkpoint import load_model
-    from ran.train.distributed import pick_device
-    from ran.train.loop import prior_batch, read_meta
-
     model, record = load_model(model_path)
     meta = read_meta(data)
     if meta["num_classes"] != record["arch"]["num_classes"] or meta["classes"] != record["classes"]:
@@ -131,15 +90,10 @@ def evaluate(
             f"classes), but {data} holds {meta['dataset']} ({meta['num_classes']}); evaluate it "
             "on the data it was trained on"
         )
-    maps = _val_prior(model, model_path, prior, meta)
+    maps = prior_for(str(model_path), getattr(model, "takes_prior", False), prior, "val", meta)
     device = pick_device(params.device)
     model = model.to(device, memory_format=torch.channels_last)
-    spec = LoaderSpec(
-        tuple(record["mean"]),
-        tuple(record["std"]),
-        params.image_size or record["input_size"],
-        record["small_images"],
-    )
+    spec = loader_spec(record, params.image_size)
     if spec.small_images and params.image_size not in (None, record["input_size"]):
         raise RanError(
             f"--image-size {params.image_size}: CIFAR-size data is evaluated at its stored "
@@ -157,7 +111,7 @@ def evaluate(
     top1 = top5 = total = 0
     matrix = np.zeros((k, k), dtype=np.int64)
     predictions = []
-    for logits, labels, index in predict(model, loader, spec, flip=params.flip, prior=maps):
+    for logits, labels, index in scored_batches(model, loader, spec, flip=params.flip, prior=maps):
         labels = labels.to(logits.device)
         best = logits.topk(min(5, k), dim=1).indices
         top1 += int((best[:, 0] == labels).sum())
@@ -179,7 +133,7 @@ def evaluate(
         "top1_error_pct": 100 * (1 - top1 / total),
         "top5_error_pct": 100 * (1 - top5 / total),
         "test_records": total,
-        "image_size": spec.resolution,
+        "image_size": spec.side,
         "flip": params.flip,
     }
     with staged_output(out) as tmp:
@@ -213,15 +167,12 @@ def tracked_evaluate(
     """:func:`evaluate` inside an MLflow run linked to the run that trained the model."""
     import mlflow
 
-    from ran.tracking import output_run
-    from ran.train.checkpoint import load
-
-    record = load(model_path, "model file", "pass the model.pt written by `ran-cli train`")
+    record = load(model_path, "model file", MODEL_HINT)
     train_run = record.get("run_id")
     link = {"train_run_id": train_run} if train_run else {}
     logged = {**params.model_dump(mode="json"), "model": str(model_path), "data": str(data)}
     logged["prior"] = str(prior) if prior else None
-    with output_run("evaluate", experiment, logged, out, tags={**(tags or {}), **link}) as run:
+    with tracked_stage("evaluate", experiment, logged, out, tags={**(tags or {}), **link}) as run:
         if train_run:
             uri = mlflow.get_tracking_uri()
             mlflow.set_tag(
@@ -231,8 +182,5 @@ def tracked_evaluate(
             )
         metrics = evaluate(model_path, data, out, params, prior)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "flip"})
-        for name in OUTPUTS:
-            mlflow.log_artifact(str(out / name))
-        if (out / "masks").is_dir():
-            mlflow.log_artifacts(str(out / "masks"), "masks")
+        log_outputs(out, (*OUTPUTS, "masks"))
     return metrics

@@ -26,6 +26,7 @@ from typing import Any
 import litserve as ls
 from pydantic import BaseModel, ConfigDict
 
+from ran import lifetime
 from ran.errors import RanError
 
 
@@ -46,6 +47,7 @@ class ImageAPI(ls.LitAPI):
         self.model_source = model
 
     def setup(self, device: str) -> None:
+        lifetime.die_with_parent()  # a spawned worker: the fork hook of install() never ran
         from ran.inference.predictor import load_predictor
 
         self.predictor = load_predictor(self.model_source, device)
@@ -153,6 +155,7 @@ def serve(
 
     accelerator = "cuda" if device.startswith("cuda") else device
     _stop_on_sigterm()
+    lifetime.install()  # LitServe's forked API server and queue manager die with this process
     with tempfile.TemporaryDirectory(prefix="ran-serve-") as folder:
         api = ImageAPI(local_model(model, Path(folder)), max_batch_size, batch_timeout)
         server = ls.LitServer(api, accelerator=accelerator, timeout=60, fast_queue=True)

@@ -12,10 +12,13 @@ import logging
 import os
 import subprocess
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from ran.errors import RanError
+from ran.outputs import claim_output
 
 DIGEST_CHARS = 36  # MLflow stores dataset digests in a 36-character column
 
@@ -98,46 +101,61 @@ def _quiet_mlflow() -> None:
 
 
 @contextmanager
-def stage_run(
+def tracked_stage(
     stage: str,
     experiment: str,
     params: Mapping[str, Any],
+    out: Path,
     *,
     run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> Iterator[Any]:
-    """A run named after the stage, tagged with git commit and DVC stage/experiment.
+    """The one way a stage runs: it holds its output folder ``out`` and one MLflow run.
 
-    ``run_id`` continues that run (``train --resume``) instead of starting a new one; its
-    params were logged when it started and are not logged again (MLflow refuses changed
-    values). ``tags`` are added to the run's tags. An exception inside the block ends the
-    run as FAILED (MLflow's own behaviour).
+    - The output is claimed first (:func:`ran.outputs.claim_output`): a second run into it
+      is refused with one line, and what a killed run left there is removed.
+    - The run of a process killed while holding ``out`` is ended as KILLED, unless it is
+      the run this one continues (``run_id``: ``train --resume``).
+    - The run is named after the stage and tagged with the git commit, whether the tree is
+      dirty, the DVC stage and experiment, and ``tags``; its params are ``params``
+      flattened (a continued run keeps those it was started with: MLflow refuses changed
+      values). An exception inside the block ends it as FAILED (MLflow's own behaviour).
     """
+    import mlflow
+
+    with claim_output(out) as claim:
+        if claim.previous_run_id != run_id:
+            end_killed_run(claim.previous_run_id)
+        _quiet_mlflow()
+        mlflow.set_tracking_uri(tracking_uri())
+        mlflow.set_experiment(experiment)
+        root = repo_root()
+        run_tags = {
+            "stage": stage,
+            "git_commit": _git_commit(root),
+            "git_dirty": _git_dirty(root),
+            "dvc.stage": os.environ.get("DVC_STAGE"),
+            "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
+            **(tags or {}),
+        }
+        run_tags = {k: v for k, v in run_tags.items() if v}
+        with _start_run(stage, run_id, run_tags) as run:
+            claim.record_run(run.info.run_id)
+            if run_id is None:
+                mlflow.log_params(flatten(params))
+            yield run
+
+
+def _start_run(stage: str, run_id: str | None, tags: dict[str, str]) -> Any:
+    """A new run named ``stage``, or run ``run_id`` continued (one-line error if the store
+    does not have it)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from ran.errors import RanError
-
-    _quiet_mlflow()
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(experiment)
-    root = repo_root()
-    run_tags = {
-        "stage": stage,
-        "git_commit": _git_commit(root),
-        "git_dirty": _git_dirty(root),
-        "dvc.stage": os.environ.get("DVC_STAGE"),
-        "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
-        **(tags or {}),
-    }
-    run_tags = {k: v for k, v in run_tags.items() if v}
     if run_id is None:
-        with mlflow.start_run(run_name=stage, tags=run_tags) as run:
-            mlflow.log_params(flatten(params))
-            yield run
-        return
+        return mlflow.start_run(run_name=stage, tags=tags)
     try:
-        run = mlflow.start_run(run_id=run_id, tags=run_tags)
+        return mlflow.start_run(run_id=run_id, tags=tags)
     except MlflowException as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RanError(
@@ -145,35 +163,26 @@ def stage_run(
             "MLFLOW_TRACKING_URI to the store and mlflow.experiment to the experiment it "
             "was started in)"
         ) from None
-    with run:
-        yield run
 
 
-@contextmanager
-def output_run(
-    stage: str,
-    experiment: str,
-    params: Mapping[str, Any],
-    out: Path,
-    tags: Mapping[str, str] | None = None,
-) -> Iterator[Any]:
-    """A :func:`stage_run` that holds the output folder ``out`` while it runs
-    (:func:`ran.outputs.claim_output`): a second run into it is refused, and the run of a
-    process killed while holding it is ended as KILLED first."""
-    from ran.outputs import claim_output
+def log_outputs(out: Path, names: Iterable[str]) -> None:
+    """Log the files ``names`` of ``out`` that exist as artifacts of the active run, and
+    folders among them as artifact folders of the same name."""
+    import mlflow
 
-    with claim_output(out) as claim:
-        end_killed_run(claim.previous_run_id)
-        with stage_run(stage, experiment, params, tags=tags) as run:
-            claim.record_run(run.info.run_id)
-            yield run
+    for name in names:
+        path = out / name
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), name)
+        elif path.is_file():
+            mlflow.log_artifact(str(path))
 
 
 def end_killed_run(run_id: str | None) -> None:
     """End run ``run_id`` as KILLED if it is still RUNNING (its process was killed).
 
-    Stages call it with :attr:`ran.outputs.OutputClaim.previous_run_id`; an unknown run (a
-    different tracking store, a deleted run) is left alone.
+    :func:`tracked_stage` calls it with :attr:`ran.outputs.OutputClaim.previous_run_id`; an
+    unknown run (a different tracking store, a deleted run) is left alone.
     """
     if not run_id:
         return

@@ -112,7 +112,7 @@ def test_bad_labels_file(tmp_path, array: np.ndarray, message: str) -> None:
 def test_progressive_resizing_schedule() -> None:
     from ran.config import TrainParams
     from ran.data.beton import LoaderSpec
-    from ran.train.loop import BatchTransform
+    from ran.train.augment import BatchTransform
 
     spec = LoaderSpec((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 32, True)
     ramp = BatchTransform(spec, TrainParams(min_side=16, ramp_start=0.2, ramp_end=0.8), 0)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np, torch
 import ran.train.loop as loop
 from ran.config import TrainParams
-from ran.train import train_model
+from ran.train.stage import train_model
 
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
 trainers, seen = [], []

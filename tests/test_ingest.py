@@ -27,7 +27,7 @@ def _leftovers(folder: Path) -> list[str]:
 def _val_pixels(out: Path, meta: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every val record read back through the project's FFCV loader (it only decodes)."""
     side = meta["splits"]["val"]["max_side"]
-    spec = LoaderSpec(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), resolution=side, small_images=True)
+    spec = LoaderSpec(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), side=side, small_images=True)
     loader = make_loader(out / "val.beton", spec, batch_size=16, train=False, num_workers=1)
     batches = [(x.numpy(), y.numpy(), i.numpy()) for x, y, i in loader]
     return tuple(np.concatenate([b[k] for b in batches]) for k in range(3))

@@ -240,12 +240,13 @@ def test_leftover_names_match_the_temporary_folders_exactly(tmp_path: Path) -> N
     assert leftovers(out) == sorted([*made, old])
 
 
-def test_stage_run_continues_a_run_and_end_killed_run(tmp_path: Path) -> None:
+def test_tracked_stage_continues_a_run_and_end_killed_run(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from ran.tracking import end_killed_run, stage_run, tracking_uri
+    from ran.tracking import end_killed_run, tracked_stage, tracking_uri
 
-    with stage_run("train", "resume", {"lr": 0.1}, tags={"pipeline": "quick"}) as run:
+    out = tmp_path / "train"
+    with tracked_stage("train", "resume", {"lr": 0.1}, out, tags={"pipeline": "quick"}) as run:
         run_id = run.info.run_id
     client = MlflowClient(tracking_uri())
     client.set_terminated(run_id, "RUNNING")  # as a killed process leaves it
@@ -257,7 +258,8 @@ def test_stage_run_continues_a_run_and_end_killed_run(tmp_path: Path) -> None:
     assert client.get_run(run_id).info.status == "KILLED"
 
     # train --resume: the same run goes on; changed params are not logged again.
-    with stage_run("train", "resume", {"lr": 0.2}, run_id=run_id, tags={"resumed": "1"}) as run:
+    resumed = {"resumed": "1"}
+    with tracked_stage("train", "resume", {"lr": 0.2}, out, run_id=run_id, tags=resumed) as run:
         assert run.info.run_id == run_id
         assert client.get_run(run_id).info.status == "RUNNING"
     continued = client.get_run(run_id)
@@ -269,7 +271,7 @@ def test_stage_run_continues_a_run_and_end_killed_run(tmp_path: Path) -> None:
     unknown = r"cannot continue MLflow run 0{32} in sqlite:.* not found"
     with (
         pytest.raises(RanError, match=unknown) as error,
-        stage_run("t", "resume", {}, run_id="0" * 32),
+        tracked_stage("t", "resume", {}, out, run_id="0" * 32),
     ):
         pass
     assert "\n" not in str(error.value)
@@ -277,13 +279,13 @@ def test_stage_run_continues_a_run_and_end_killed_run(tmp_path: Path) -> None:
 
 # A stage that starts its run the moment argv[1] exists (mlflow imported before).
 STARTER = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 import mlflow
-from ran.tracking import stage_run
+from ran.tracking import tracked_stage
 while not Path(sys.argv[1]).exists():
     time.sleep(0.01)
-with stage_run("stage", "together", {}):
+with tracked_stage("stage", "together", {}, Path(sys.argv[1]).with_name(f"out-{os.getpid()}")):
     pass
 """
 
@@ -443,7 +445,7 @@ def test_stage_killed_halfway_ends_its_run_as_killed(
     args = [stage, "--data", str(small_ingest), "--out", str(out), "--experiment", stage]
     if stage == "evaluate":
         from ran.config import TrainParams
-        from ran.train import train_model
+        from ran.train.stage import train_model
 
         model = tmp_path / "train"
         tiny = TrainParams(depth=56, width=0.25, batch_size=20, iterations=2, device="cpu")

@@ -30,13 +30,13 @@ def _predict(
 def _evaluation_probabilities(model: Path, data: Path) -> dict[int, np.ndarray]:
     """Per test record: the class probabilities evaluation's loader and forward pass give."""
     from ran.data.beton import make_loader
-    from ran.evaluate import predict
     from ran.inference.predictor import Predictor
+    from ran.inference.scoring import scored_batches
 
     predictor = Predictor.from_model_file(model / "model.pt")
     loader = make_loader(data / "val.beton", predictor.spec, 16, train=False)
     probs = {}
-    for scores, _, index in predict(predictor.model, loader, predictor.spec):
+    for scores, _, index in scored_batches(predictor.model, loader, predictor.spec):
         for i, row in zip(index.tolist(), scores.softmax(1).numpy(), strict=True):
             probs[i] = row
     return probs

@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from ran.config import TrainParams
-from ran.data.beton import LoaderSpec, normalize
+from ran.data.beton import LoaderSpec
+from ran.data.transforms import normalize
 from ran.errors import RanError
 from ran.models import build_model
 from ran.prior.vit import cls_attention, load_vit
-from ran.train.loop import BatchTransform
+from ran.train.augment import BatchTransform
 
 CLI = [sys.executable, "-m", "ran.cli"]
 VIT = "vit_small_patch8_224.dino"

@@ -13,8 +13,9 @@ from conftest import BIN, REPO, run_ok
 
 from ran.config import EvaluateParams, NoiseParams, TrainParams
 from ran.errors import RanError
+from ran.paths import ingest_folder
 from ran.studies import STUDIES, get_study
-from ran.studies.cell import cell_data, cell_params, ingest_folder
+from ran.studies.cell import cell_data, cell_params
 from ran.studies.report import CellResult, markdown, ordering, write_report
 
 

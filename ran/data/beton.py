@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ran import lifetime
 from ran.data.parallel import ordered_map
 from ran.data.sources import Split
 from ran.errors import RanError
+from ran.progress import progress_bar
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 FIELDS = ("image", "label", "index")
 IMAGENET_CROP_RATIO = 224 / 256
@@ -122,13 +124,6 @@ def write_beton(
     import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeRemainingColumn,
-    )
 
     fields = {
         "image": RGBImageField(
@@ -142,13 +137,7 @@ def write_beton(
     }
     writer = DatasetWriter(str(path), fields, page_size=settings.page_size, num_workers=1)
     records = _Records(split, keep, settings, workers)
-    columns = (
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TimeRemainingColumn(elapsed_when_finished=True),
-    )  # rich.progress.track's
-    with Progress(*columns) as progress:
+    with progress_bar() as progress:
         task = progress.add_task(f"writing {path.name}", total=len(keep))
 
         class _RichBar:  # what FFCV's writer calls tqdm: total=, update(n), close()
@@ -161,6 +150,7 @@ def write_beton(
             def close(self) -> None:
                 pass
 
+        lifetime.install()  # FFCV's writer process (and its decoders) die with this one
         ffcv_hooks = ffcv.writer.tqdm, ffcv.writer.sleep
         ffcv.writer.tqdm, ffcv.writer.sleep = _RichBar, _failure_poll(records, path)
         try:
@@ -253,24 +243,15 @@ class LoaderSpec:
 
     mean: tuple[float, float, float]  # 0–255 scale, from meta.json
     std: tuple[float, float, float]
-    resolution: int  # output side; for small raw images (CIFAR) the stored side
+    side: int  # the data side: what the loader yields; for small raw images the stored side
     small_images: bool  # True: stored at their side (CIFAR); False: variable sizes (ImageNet)
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any], resolution: int | None = None) -> LoaderSpec:
+    def from_meta(cls, meta: dict[str, Any]) -> LoaderSpec:
         """The spec of an ingest output: CIFAR-size data (every side ≤ 64) keeps its side."""
         small = max(info["max_side"] for info in meta["splits"].values()) <= SMALL_SIDE
-        side = resolution or (meta["splits"]["train"]["max_side"] if small else IMAGENET_SIDE)
+        side = meta["splits"]["train"]["max_side"] if small else IMAGENET_SIDE
         return cls(tuple(meta["mean"]), tuple(meta["std"]), side, small)
-
-
-def normalize(images: torch.Tensor, spec: LoaderSpec) -> torch.Tensor:
-    """uint8 images on any device → float32, standardised by the data's 0–255 statistics."""
-    import torch
-
-    mean = torch.tensor(spec.mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    return (images.float() - mean) / std
 
 
 def make_loader(
@@ -289,7 +270,7 @@ def make_loader(
     Only decoding happens here: random augmentation and normalisation run on the batch
     afterwards (:mod:`ran.train.augment`), seeded per record, because FFCV's own random
     operations are not reproducible. Small images (CIFAR) come as stored; large ones as
-    the central square at 256/224 of ``spec.resolution`` for training (the random-resized
+    the central square at 256/224 of ``spec.side`` for training (the random-resized
     crop is cut from it) or ImageNet's centre crop (224/256 of the short side) for
     evaluation. ``order`` is a :class:`ffcv.traversal_order.base.TraversalOrder` subclass
     (training's seeded, sharded, resumable order); by default records come in sequence and
@@ -306,10 +287,10 @@ def make_loader(
     if spec.small_images:
         image = [SimpleRGBImageDecoder()]
     elif train:
-        side = round(spec.resolution / IMAGENET_CROP_RATIO)
+        side = round(spec.side / IMAGENET_CROP_RATIO)
         image = [CenterCropRGBImageDecoder((side, side), ratio=1.0)]
     else:
-        size = (spec.resolution, spec.resolution)
+        size = (spec.side, spec.side)
         image = [CenterCropRGBImageDecoder(size, ratio=IMAGENET_CROP_RATIO)]
     on_gpu = device.startswith("cuda")
     to_device = [ToDevice(torch.device(device), non_blocking=True)] if on_gpu else []

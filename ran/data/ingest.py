@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -31,8 +30,11 @@ from ran.data.beton import (
 )
 from ran.data.scan import ScanResult, scan_split
 from ran.data.sources import SourceData, read_source, sha256_file
+from ran.data.validate import validate_manifest
 from ran.errors import RanError
-from ran.outputs import OutputClaim, claim_output, publish_dir, temporary_sibling
+from ran.outputs import publish_dir, temporary_sibling
+from ran.progress import tracked
+from ran.tracking import log_file_dataset, log_outputs, tracked_stage
 
 SPLITS = ("train", "val")
 OUTPUTS = ("train.beton", "val.beton", "meta.json", "manifest.parquet", "validation.json")
@@ -44,12 +46,6 @@ class ValidationFailed(RanError):
     def __init__(self, message: str, report: Path) -> None:
         super().__init__(message)
         self.report = report
-
-
-def _progress(description: str, total: int) -> Callable[[Iterable], Iterable]:
-    from rich.progress import track
-
-    return partial(track, description=description, total=total)
 
 
 def _check_bad(data: SourceData, scans: dict[str, ScanResult], skip_bad: bool) -> list[str]:
@@ -122,8 +118,6 @@ def ingest(params: IngestParams, out: Path) -> dict[str, Any]:
     Raises :class:`RanError` for bad input or failed validation. On failed validation
     ``out`` holds only ``validation.json``, so the failure can be read but not trained on.
     """
-    from ran.data.validate import validate_manifest
-
     tmp = temporary_sibling(out, "tmp")
     try:
         work = tmp / "work"  # extractions; downloads go to the cache, kept between runs
@@ -137,7 +131,7 @@ def ingest(params: IngestParams, out: Path) -> dict[str, Any]:
                 data.splits[split],
                 prepare,
                 params.num_workers,
-                _progress(f"decoding {split}", len(data.splits[split])),
+                tracked(f"decoding {split}", len(data.splits[split])),
             )
             for split in SPLITS
         }
@@ -207,31 +201,12 @@ def ingest(params: IngestParams, out: Path) -> dict[str, Any]:
 def tracked_ingest(
     params: IngestParams, out: Path, experiment: str, tags: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """:func:`ingest` inside an MLflow run: params, counts, statistics, validation, datasets.
-
-    The run holds ``out`` (:func:`ran.outputs.claim_output`): a second run into it is an
-    error naming this one's pid; a killed earlier run's leftovers are removed first and its
-    MLflow run, still RUNNING, is ended as KILLED.
-    """
-    with claim_output(out) as claim:
-        return _tracked_ingest(params, out, experiment, claim, tags)
-
-
-def _tracked_ingest(
-    params: IngestParams,
-    out: Path,
-    experiment: str,
-    claim: OutputClaim,
-    tags: dict[str, str] | None,
-) -> dict[str, Any]:
+    """:func:`ingest` as a tracked stage (:func:`ran.tracking.tracked_stage`): params,
+    counts, statistics, validation, datasets."""
     import mlflow
 
-    from ran.tracking import end_killed_run, log_file_dataset, stage_run
-
-    end_killed_run(claim.previous_run_id)
     logged = {**params.model_dump(mode="json"), "out": str(out)}
-    with stage_run("ingest", experiment, logged, tags=tags) as run:
-        claim.record_run(run.info.run_id)
+    with tracked_stage("ingest", experiment, logged, out, tags=tags):
         try:
             meta = ingest(params, out)
         except ValidationFailed as exc:
@@ -250,8 +225,7 @@ def _tracked_ingest(
                 **{f"std_{c}": v for c, v in zip("rgb", meta["std"], strict=True)},
             }
         )
-        for name in ("meta.json", "validation.json"):
-            mlflow.log_artifact(str(out / name))
+        log_outputs(out, ("meta.json", "validation.json"))
         for split in SPLITS:
             beton = out / meta["splits"][split]["beton"]
             digest = meta["splits"][split]["sha256"]

@@ -12,6 +12,8 @@ import multiprocessing as mp
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
+from ran import lifetime
+
 Result = TypeVar("Result")
 
 _TASK: Callable[[int], object] | None = None  # set in the parent just before the fork
@@ -30,6 +32,7 @@ def ordered_map(
         yield from map(task, indices)
         return
     _TASK = task
+    lifetime.install()  # the workers die with this process, even on kill -9
     chunksize = max(1, min(256, len(indices) // (workers * 8)))
     try:
         with mp.get_context("fork").Pool(workers) as pool:

@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from ran.errors import RanError
+from ran.inference.images import read_image
 from ran.inference.predictor import TOP, Predictor
+from ran.outputs import staged_output
+from ran.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -72,11 +75,6 @@ def predict_files(
     masks: Path | None = None,
 ) -> Predictions:
     """Score every image under ``paths``; with ``masks``, draw each module's mask there."""
-    from rich.console import Console
-    from rich.progress import Progress
-
-    from ran.inference.images import read_image
-    from ran.outputs import staged_output
 
     files, missing = collect(paths, skip_bad)
     if not files and not missing:
@@ -84,23 +82,24 @@ def predict_files(
     if masks is not None and not predictor.has_masks:
         raise RanError("this network has no attention modules, so no masks: drop --masks")
     result = Predictions(skipped=missing)
-    with staged_output(masks) if masks else nullcontext() as folder:
-        progress = Progress(console=Console(stderr=True), transient=True)
-        with progress:
-            task = progress.add_task("predicting", total=len(files))
-            for batch in _batches(files, batch_size):
-                decoded = []
-                for file in batch:
-                    try:
-                        decoded.append((file, read_image(file.path, str(file.path))))
-                    except RanError as exc:
-                        if not skip_bad:
-                            raise
-                        result.skipped.append(f"{file.path}: {exc}")
-                progress.advance(task, len(batch))
-                if not decoded:
-                    continue
-                result.rows += _score(predictor, decoded, top, folder)
+    with (
+        staged_output(masks) if masks else nullcontext() as folder,
+        progress_bar(transient=True) as progress,
+    ):
+        task = progress.add_task("predicting", total=len(files))
+        for batch in _batches(files, batch_size):
+            decoded = []
+            for file in batch:
+                try:
+                    decoded.append((file, read_image(file.path, str(file.path))))
+                except RanError as exc:
+                    if not skip_bad:
+                        raise
+                    result.skipped.append(f"{file.path}: {exc}")
+            progress.advance(task, len(batch))
+            if not decoded:
+                continue
+            result.rows += _score(predictor, decoded, top, folder)
     return result
 
 

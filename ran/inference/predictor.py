@@ -19,54 +19,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ran.data.beton import LoaderSpec, normalize
+import ran
+from ran.data.beton import LoaderSpec
+from ran.data.transforms import network_view
 from ran.errors import RanError
 from ran.inference.images import network_input, read_image
+from ran.inference.scoring import channel_mean_masks, class_scores
+from ran.modelfile import data_side, load_model, loader_spec
+from ran.models.attention import AttentionModule
+from ran.tracking import tracking_uri
 
 PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 TOP = 5  # classes reported per image, by default and by the registered model
-
-
-def class_scores(
-    model: torch.nn.Module, x: torch.Tensor, flip: bool, prior: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Logits of normalised images (and their prior maps, for a network that takes them);
-    ``flip`` averages the softmax of each image and its mirror (returned as
-    log-probabilities, so softmax, argmax and top-k stay meaningful)."""
-    inputs = [x.contiguous(memory_format=torch.channels_last)]
-    if prior is not None:
-        inputs.append(prior)
-    logits = model(*inputs).float()
-    if not flip:
-        return logits
-    mirrored = model(*(t.flip(3) for t in inputs)).float()
-    return ((logits.softmax(1) + mirrored.softmax(1)) / 2).log()
-
-
-def network_view(images: torch.Tensor, spec: LoaderSpec) -> torch.Tensor:
-    """uint8 images as the network takes them: normalised, and small images bicubic-upsampled
-    to ``spec.resolution`` when the network was trained upsampled (``--upsample``)."""
-    from ran.train.loop import resize_to
-
-    x = normalize(images, spec)
-    return resize_to(x, spec.resolution) if spec.small_images else x
-
-
-def channel_mean_masks(
-    model: torch.nn.Module,
-    batch: torch.Tensor,
-    spec: LoaderSpec,
-    prior: torch.Tensor | None = None,
-) -> list[np.ndarray]:
-    """Each attention module's mask of a ``uint8`` batch, mean over channels: one N×h×w
-    array per module (none for a network without attention)."""
-    device = next(model.parameters()).device
-    inputs = [network_view(batch.to(device), spec)]
-    if prior is not None:
-        inputs.append(prior.to(device))
-    with torch.inference_mode():
-        _, masks = model(*inputs, return_masks=True)
-    return [mask.float().mean(1).cpu().numpy() for mask in masks]
 
 
 @dataclass
@@ -79,8 +43,6 @@ class Predictor:
 
     @classmethod
     def from_model_file(cls, path: Path, flip: bool = False) -> Predictor:
-        from ran.train.checkpoint import load_model
-
         model, record = load_model(path)
         if getattr(model, "takes_prior", False):
             raise RanError(
@@ -95,8 +57,7 @@ class Predictor:
 
     @property
     def spec(self) -> LoaderSpec:
-        r = self.record
-        return LoaderSpec(tuple(r["mean"]), tuple(r["std"]), r["input_size"], r["small_images"])
+        return loader_spec(self.record)
 
     @property
     def device(self) -> torch.device:
@@ -104,8 +65,6 @@ class Predictor:
 
     @property
     def has_masks(self) -> bool:
-        from ran.models.attention import AttentionModule
-
         return any(isinstance(module, AttentionModule) for module in self.model.modules())
 
     def to(self, device: str | torch.device) -> Predictor:
@@ -116,7 +75,7 @@ class Predictor:
         """Decoded images (H×W×3 uint8) cut as the loader cut the training data: a ``uint8``
         N×3×S×S batch at the data's side (:func:`network_view` upsamples it further for a
         network trained with ``--upsample``; records before ``data_side``: the input size)."""
-        side = self.record.get("data_side", self.record["input_size"])
+        side = data_side(self.record)
         cut = [network_input(image, side, self.spec.small_images) for image in images]
         return torch.from_numpy(np.stack(cut)).permute(0, 3, 1, 2)
 
@@ -164,8 +123,6 @@ def mlflow_errors(action: str, model: str) -> Iterator[None]:
     """MLflow on the project's tracking store; its errors about ``model`` as one line."""
     import mlflow
     from mlflow.exceptions import MlflowException
-
-    from ran.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     try:
@@ -220,8 +177,6 @@ def log_image_model(model_file: Path, registered_name: str | None = None) -> Any
     models-from-code, with ``ran`` as its code and ``model.pt`` as its artifact, so it
     loads with pickle refused (``torch.load(weights_only=True)`` reads the weights)."""
     import mlflow
-
-    import ran
 
     return mlflow.pyfunc.log_model(
         name="model",

@@ -13,20 +13,21 @@ from typing import Any
 import numpy as np
 
 from ran.config import NoiseParams
+from ran.data.beton import read_records
+from ran.data.meta import read_meta
+from ran.data.sources import sha256_file
 from ran.errors import RanError
 from ran.figures import matrix_png
 from ran.noise.corrupt import corrupt
 from ran.noise.report import counts_matrix, noise_report, validate_noise
 from ran.outputs import staged_output
+from ran.tracking import log_file_dataset, log_outputs, tracked_stage
 
 OUTPUTS = ("labels.npy", "report.json", "transition.png", "validation.json")
 
 
 def clean_labels(data: Path) -> tuple[np.ndarray, list[str]]:
     """The train split's labels in record-index order, and the class names."""
-    from ran.data.beton import read_records
-    from ran.train.loop import read_meta
-
     meta = read_meta(data)
     records = read_records(data / "train.beton")
     if not np.array_equal(records["index"], np.arange(len(records["index"]))):
@@ -70,11 +71,8 @@ def tracked_noise(
     """:func:`make_noisy_labels` inside an MLflow run holding ``out``."""
     import mlflow
 
-    from ran.data.sources import sha256_file
-    from ran.tracking import log_file_dataset, output_run
-
     logged = {**params.model_dump(mode="json"), "data": str(data), "out": str(out)}
-    with output_run("noise", experiment, logged, out, tags=tags):
+    with tracked_stage("noise", experiment, logged, out, tags=tags):
         report = make_noisy_labels(params, data, out)
         mlflow.log_metrics(
             {
@@ -83,8 +81,7 @@ def tracked_noise(
                 "records": report["records"],
             }
         )
-        for name in OUTPUTS[1:]:
-            mlflow.log_artifact(str(out / name))
+        log_outputs(out, OUTPUTS[1:])
         labels = out / "labels.npy"
         log_file_dataset(labels, "noisy-labels", sha256_file(labels), context="labels")
     return report

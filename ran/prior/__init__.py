@@ -1,6 +1,3 @@
 """The attention prior: a frozen self-supervised ViT's [CLS] attention, one map per record,
-for the ``vitmask`` network (:mod:`ran.models.vitmask`)."""
-
-from ran.prior.stage import load_prior, make_prior, tracked_prior
-
-__all__ = ["load_prior", "make_prior", "tracked_prior"]
+for the ``vitmask`` network (:mod:`ran.models.vitmask`): the ViT (:mod:`.vit`), the stage
+that computes the maps (:mod:`.stage`) and how the other stages read them (:mod:`.maps`)."""

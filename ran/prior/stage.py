@@ -19,21 +19,19 @@ from typing import Any
 import numpy as np
 
 from ran.config import PriorParams
+from ran.data.beton import LoaderSpec, make_loader
+from ran.data.meta import read_meta
+from ran.data.sources import sha256_file
+from ran.devices import pick_device
 from ran.errors import RanError
 from ran.outputs import staged_output
+from ran.prior.vit import cls_attention, load_vit, vit_normalize
+from ran.progress import progress_bar
+from ran.tracking import log_file_dataset, log_outputs, tracked_stage
 
 SPLITS = ("train", "val")
 OUTPUTS = ("train.npy", "val.npy", "report.json", "sample.png", "validation.json")
 SUM_SLACK = 0.01  # float16 rounding of a map's patch weights (which sum to at most 1)
-
-
-def _progress() -> Any:
-    """rich's default bar plus a record count, on stderr (stdout is the command's answer)."""
-    from rich.console import Console
-    from rich.progress import MofNCompleteColumn, Progress
-
-    columns = (*Progress.get_default_columns(), MofNCompleteColumn())
-    return Progress(*columns, console=Console(stderr=True))
 
 
 def _split_maps(
@@ -41,9 +39,6 @@ def _split_maps(
 ) -> np.ndarray:
     """Every record's map of ``split`` into a new ``.npy`` at ``path``; returns it (mapped)."""
     import torch
-
-    from ran.data.beton import LoaderSpec, make_loader
-    from ran.prior.vit import cls_attention, vit_normalize
 
     device = next(vit.parameters()).device
     count = meta["splits"][split]["count"]
@@ -133,8 +128,6 @@ def _sample_figure(data: Path, meta: dict, maps: np.ndarray, count: int, path: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ran.data.beton import LoaderSpec, make_loader
-
     count = min(count, len(maps))
     loader = make_loader(
         data / "train.beton",
@@ -164,18 +157,13 @@ def _sample_figure(data: Path, meta: dict, maps: np.ndarray, count: int, path: P
 def make_prior(params: PriorParams, data: Path, out: Path) -> dict[str, Any]:
     """Run the ViT over ``data``'s train and val splits into ``out`` (all or nothing);
     returns ``report.json``. Maps that fail validation are an error, and nothing is kept."""
-    from ran.data.sources import sha256_file
-    from ran.prior.vit import load_vit
-    from ran.train.distributed import pick_device
-    from ran.train.loop import read_meta
-
     meta = read_meta(data)
     vit = load_vit(
         params.vit, params.vit_weights, params.size, params.init == "random", params.seed
     ).to(pick_device(params.device))
     counts = {split: meta["splits"][split]["count"] for split in SPLITS}
     with staged_output(out) as tmp:
-        with _progress() as bar:
+        with progress_bar() as bar:
             maps = {
                 split: _split_maps(vit, params, data, split, meta, tmp / f"{split}.npy", bar)
                 for split in SPLITS
@@ -205,31 +193,6 @@ def make_prior(params: PriorParams, data: Path, out: Path) -> dict[str, Any]:
     return report
 
 
-def load_prior(prior: Path, split: str, meta: dict) -> np.ndarray:
-    """``prior/{split}.npy`` memory-mapped, checked to be the prior of ``meta``'s data."""
-    path, report_path = prior / f"{split}.npy", prior / "report.json"
-    if not path.is_file() or not report_path.is_file():
-        raise RanError(
-            f"{prior} is not a prior folder (no {path.name} or report.json): run `ran-cli prior`"
-        )
-    report = json.loads(report_path.read_text())
-    if report.get("data_sha256", {}).get(split) != meta["splits"][split]["sha256"]:
-        raise RanError(
-            f"prior {prior} was made from other data than this ingest output's {split} split; "
-            "run `ran-cli prior` on this ingest output"
-        )
-    try:
-        maps = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise RanError(f"prior file {path} is not a .npy array ({exc}); regenerate it") from None
-    if maps.ndim != 3 or len(maps) != meta["splits"][split]["count"]:
-        raise RanError(
-            f"prior file {path} has shape {maps.shape}, expected ({meta['splits'][split]['count']}"
-            ", h, w): regenerate it"
-        )
-    return maps
-
-
 def tracked_prior(
     params: PriorParams,
     data: Path,
@@ -240,16 +203,11 @@ def tracked_prior(
     """:func:`make_prior` inside an MLflow run holding ``out``."""
     import mlflow
 
-    from ran.data.sources import sha256_file
-    from ran.tracking import log_file_dataset, output_run
-
     logged = {**params.model_dump(mode="json"), "data": str(data), "out": str(out)}
-    with output_run("prior", experiment, logged, out, tags=tags):
+    with tracked_stage("prior", experiment, logged, out, tags=tags):
         report = make_prior(params, data, out)
         mlflow.log_metrics({k: v for k, v in report.items() if isinstance(v, float)})
-        for name in OUTPUTS[2:]:
-            if (out / name).is_file():
-                mlflow.log_artifact(str(out / name))
+        log_outputs(out, OUTPUTS[2:])
         for split in SPLITS:
             path = out / f"{split}.npy"
             log_file_dataset(path, f"prior-{split}", sha256_file(path), context="prior")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ran import paths
 from ran.config import (
     PARAMS_FILE,
     EvaluateParams,
@@ -19,9 +20,10 @@ from ran.config import (
     profiled_section,
     study_overlay,
 )
+from ran.evaluate import tracked_evaluate
+from ran.noise.stage import tracked_noise
 from ran.studies.tables import Cell, Study
-
-MAIN_INGEST, PRIORS = Path("data/ingest"), Path("data/prior")
+from ran.train.stage import train_model
 
 
 def cell_params(
@@ -71,10 +73,6 @@ def run_cell(
 ) -> dict[str, Any]:
     """Run ``cell`` on ``data`` (with the ViT ``prior`` maps, for a vitmask cell) into
     ``out/{noise,train,evaluate}``; returns the test metrics."""
-    from ran.evaluate import tracked_evaluate
-    from ran.noise import tracked_noise
-    from ran.train import train_model
-
     noise, train, evaluate = cell_params(cell, profile, path, study.name)
     run_tags = {**(tags or {}), **cell_tags(study, cell, profile)}
     tracked_noise(noise, data, out / "noise", experiment, tags=run_tags)
@@ -97,13 +95,9 @@ def run_cell(
 
 def cell_data(cell: Cell) -> tuple[Path, Path | None]:
     """The ingest output a cell trains on and the prior it reads (``None``: none): the main
-    pipeline's ``data/ingest`` for CIFAR-10, ``data/<dataset>/ingest`` for another data
-    set (``studies/dvc.yaml`` ingests it), and ``data/prior/<dataset>`` for the prior."""
+    pipeline's for CIFAR-10, ``data/<dataset>/ingest`` for another data set
+    (:func:`ran.paths.ingest_folder`), and ``data/prior/<dataset>`` for the prior."""
     data = cell.setting.get("data", {})
-    dataset = data.get("dataset", "cifar10")
-    return ingest_folder(dataset), (PRIORS / dataset if data.get("prior") else None)
-
-
-def ingest_folder(dataset: str) -> Path:
-    """Where the studies find ``dataset``'s ingest output (see :func:`cell_data`)."""
-    return MAIN_INGEST if dataset == "cifar10" else Path("data") / dataset / "ingest"
+    dataset = data.get("dataset", paths.MAIN_DATASET)
+    prior = paths.prior_folder(dataset) if data.get("prior") else None
+    return paths.ingest_folder(dataset), prior

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 from ran.outputs import staged_output
 from ran.studies.tables import Study
+from ran.tracking import log_outputs, tracked_stage, tracking_uri
 
 UI = "http://127.0.0.1:5000"  # where `ran-cli ui` serves a local store
 OUTPUTS = ("report.md", "report.png", "results.json")
@@ -38,8 +39,6 @@ def collect(study: Study, experiment: str, profile: str) -> dict[str, CellResult
     """For every cell of ``study``, the newest FINISHED evaluate run tagged with the study,
     the cell and ``profile`` in ``experiment``."""
     from mlflow import MlflowClient
-
-    from ran.tracking import tracking_uri
 
     uri = tracking_uri()
     client = MlflowClient(uri)
@@ -200,15 +199,12 @@ def tracked_report(
     its files logged as artifacts."""
     import mlflow
 
-    from ran.tracking import stage_run
-
     logged = {"study": study.name, "profile": profile, "out": str(out)}
     run_tags = {**(tags or {}), "study": study.name, "study.profile": profile}
-    with stage_run("report", experiment, logged, tags=run_tags):
+    with tracked_stage("report", experiment, logged, out, tags=run_tags):
         summary = write_report(study, experiment, profile, out)
         mlflow.log_metrics(
             {k: float(summary[k]) for k in ("missing_cells", "ordering_holds", "complete_rows")}
         )
-        for name in OUTPUTS:
-            mlflow.log_artifact(str(out / name))
+        log_outputs(out, OUTPUTS)
     return summary

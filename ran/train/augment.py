@@ -22,6 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ran.config import TrainParams
+from ran.data.beton import LoaderSpec
+from ran.data.transforms import network_side, normalize, resize_to
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
@@ -170,3 +174,55 @@ def random_erasing(
     box = span(y0, eh, h)[:, :, None] & span(x0, ew, w)[:, None, :]
     box &= torch.from_numpy(erase).to(x.device)[:, None, None]
     return x.masked_fill(box[:, None], 0.0)
+
+
+class BatchTransform:
+    """Training augmentation of a uint8 batch: CIFAR pad-4 crop + flip on the normalised
+    image; ImageNet random-resized crop + flip + colour jitter; then random erasing; then,
+    with progressive resizing or upsampling, the batch at the side of this point in training.
+
+    A per-record map travelling with the images (a ViT prior, N×1×h×w) is resized to the
+    images' side and given the same crop, flip and erasing, so it stays over the pixels it
+    describes; it is not resized afterwards (the network resizes it to what it needs).
+    """
+
+    def __init__(self, spec: LoaderSpec, params: TrainParams, seed: int) -> None:
+        self.spec, self.seed, self.erasing = spec, seed, params.random_erasing
+        self.params, self.full = params, network_side(spec, params.upsample)
+        self.geometry = PadCropFlip(spec.side) if spec.small_images else ResizedCropFlip(spec.side)
+
+    def side(self, progress: float) -> int:
+        """Progressive resizing (as ffcv-imagenet does it): ``min_side`` until ``ramp_start``
+        of training, then linearly up to the full side at ``ramp_end``, in steps of 4 px."""
+        full, low = self.full, self.params.min_side
+        if low is None or low >= full:
+            return full
+        start, end = self.params.ramp_start, max(self.params.ramp_end, self.params.ramp_start)
+        share = 1.0 if end == start else min(max((progress - start) / (end - start), 0.0), 1.0)
+        return min(full, int(round((low + share * (full - low)) / 4) * 4))
+
+    def resize(self, x: torch.Tensor, progress: float) -> torch.Tensor:
+        return resize_to(x, self.side(progress))
+
+    def __call__(
+        self, images: torch.Tensor, index: np.ndarray, epoch: int, maps: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The augmented batch, and ``maps`` augmented alike (``None`` stays ``None``)."""
+        g = self.geometry.uniforms
+        u = record_uniforms(self.seed, epoch, index, g + 3 + 5)
+        geometry = self.geometry.sample(u[:, :g])
+        if maps is not None:
+            side = images.shape[-2:]
+            maps = F.interpolate(maps.float(), size=side, mode="bilinear", align_corners=False)
+            maps = self.geometry.apply(maps, geometry)
+        if self.spec.small_images:
+            x = self.geometry.apply(normalize(images, self.spec), geometry)
+        else:
+            x = self.geometry.apply(images.float() / 255, geometry)
+            x = colour_jitter(x, u[:, g : g + 3]) * 255
+            x = normalize(x, self.spec)
+        if self.erasing:
+            x = random_erasing(x, u[:, g + 3 :], self.erasing)
+            if maps is not None:
+                maps = random_erasing(maps, u[:, g + 3 :], self.erasing)
+        return x.contiguous(memory_format=torch.channels_last), maps

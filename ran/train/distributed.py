@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ran.errors import RanError
+from ran.devices import pick_device
 
 
 @dataclass(frozen=True)
@@ -24,20 +24,6 @@ class Context:
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-
-def pick_device(requested: str, local_rank: int = 0) -> torch.device:
-    """``auto``: this process's GPU when CUDA is present, else the CPU."""
-    if requested == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise RanError(
-            f"--device {requested}: no CUDA GPU is visible here; use --device cpu or auto"
-        )
-    device = torch.device(requested)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
-    return device
 
 
 def setup(requested_device: str) -> Context:

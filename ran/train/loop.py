@@ -1,38 +1,40 @@
 """The training loop: one :class:`Trainer` whose small methods build the data, the network,
 the optimiser and schedule, take a step, evaluate the held-out records and checkpoint.
 
+The loop's cadence is decided by small named predicates (``due_log``, ``due_holdout``,
+``due_checkpoint``), as torchtitan's trainer does; what happens at each is the hooks' job
+(:mod:`ran.train.stage`: MLflow, the progress bar, files).
+
 Exact resume follows by construction: every piece of state is in the checkpoint
-(:mod:`ran.train.checkpoint`), the record order is a function of (seed, epoch)
+(:meth:`Trainer.state_dict`), the record order is a function of (seed, epoch)
 (:mod:`ran.train.data`) and every random number an image gets is a function of
 (seed, epoch, record index) (:mod:`ran.train.augment`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ran.config import TrainParams
-from ran.data.beton import LoaderSpec, make_loader, normalize, read_records
+from ran.data.beton import LoaderSpec, make_loader, read_records
+from ran.data.meta import read_meta
 from ran.data.sources import sha256_file
+from ran.data.transforms import network_side
 from ran.errors import RanError
+from ran.inference.scoring import scored_batches
+from ran.modelfile import FORMAT
+from ran.models import build_model, find_variant
+from ran.prior.maps import prior_batch, prior_for
 from ran.train import checkpoint
-from ran.train.augment import (
-    PadCropFlip,
-    ResizedCropFlip,
-    colour_jitter,
-    random_erasing,
-    record_uniforms,
-)
+from ran.train.augment import BatchTransform
 from ran.train.data import holdout_split, load_labels, seeded_order
 from ran.train.distributed import Context
 from ran.train.recipe import Recipe, make_optimizer, make_schedule, model_options
@@ -43,108 +45,8 @@ NOT_FINGERPRINTED = {"checkpoint_every", "log_every", "eval_every", "device", "n
 NOT_FINGERPRINTED |= {"compile", "register_model"}
 
 
-def read_meta(data: Path) -> dict[str, Any]:
-    path = data / "meta.json"
-    if not path.is_file():
-        raise RanError(f"{path} not found: --data must be an ingest output (run `ran-cli ingest`)")
-    return json.loads(path.read_text())
-
-
-def network_side(spec: LoaderSpec, params: TrainParams) -> int:
-    """The side the network sees: ``upsample`` for small images when set, else the data's."""
-    return params.upsample if params.upsample and spec.small_images else spec.resolution
-
-
-def _prior_maps(variant: Any, prior: Path | None, meta: dict[str, Any]) -> Any:
-    """The train split's prior maps (memory-mapped) when the network takes them (its class
-    says so: ``takes_prior``)."""
-    from ran.prior import load_prior
-
-    takes = getattr(variant.build, "takes_prior", False)
-    if takes and prior is None:
-        raise RanError(
-            f"--family {variant.family} needs the ViT attention prior: run `ran-cli prior` and "
-            "pass its output with --prior"
-        )
-    if prior is not None and not takes:
-        raise RanError(f"--prior is for --family vitmask; {variant.family} takes no prior")
-    return load_prior(prior, "train", meta) if prior else None
-
-
-def prior_batch(maps: Any, index: np.ndarray, device: torch.device) -> torch.Tensor | None:
-    """The maps of records ``index`` as N×1×h×w float32 on ``device`` (``None``: no prior)."""
-    if maps is None:
-        return None
-    batch = torch.from_numpy(np.asarray(maps[np.asarray(index)], dtype=np.float32))
-    return batch[:, None].to(device, non_blocking=True)
-
-
-class BatchTransform:
-    """Training augmentation of a uint8 batch: CIFAR pad-4 crop + flip on the normalised
-    image; ImageNet random-resized crop + flip + colour jitter; then random erasing; then,
-    with progressive resizing or upsampling, the batch at the side of this point in training.
-
-    A per-record map travelling with the images (a ViT prior, N×1×h×w) is resized to the
-    images' side and given the same crop, flip and erasing, so it stays over the pixels it
-    describes; it is not resized afterwards (the network resizes it to what it needs).
-    """
-
-    def __init__(self, spec: LoaderSpec, params: TrainParams, seed: int) -> None:
-        self.spec, self.seed, self.erasing = spec, seed, params.random_erasing
-        self.params, self.full = params, network_side(spec, params)
-        self.geometry = (
-            PadCropFlip(spec.resolution) if spec.small_images else ResizedCropFlip(spec.resolution)
-        )
-
-    def side(self, progress: float) -> int:
-        """Progressive resizing (as ffcv-imagenet does it): ``min_side`` until ``ramp_start``
-        of training, then linearly up to the full side at ``ramp_end``, in steps of 4 px."""
-        full, low = self.full, self.params.min_side
-        if low is None or low >= full:
-            return full
-        start, end = self.params.ramp_start, max(self.params.ramp_end, self.params.ramp_start)
-        share = 1.0 if end == start else min(max((progress - start) / (end - start), 0.0), 1.0)
-        return min(full, int(round((low + share * (full - low)) / 4) * 4))
-
-    def resize(self, x: torch.Tensor, progress: float) -> torch.Tensor:
-        return resize_to(x, self.side(progress))
-
-    def __call__(
-        self, images: torch.Tensor, index: np.ndarray, epoch: int, maps: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The augmented batch, and ``maps`` augmented alike (``None`` stays ``None``)."""
-        g = self.geometry.uniforms
-        u = record_uniforms(self.seed, epoch, index, g + 3 + 5)
-        geometry = self.geometry.sample(u[:, :g])
-        if maps is not None:
-            side = images.shape[-2:]
-            maps = F.interpolate(maps.float(), size=side, mode="bilinear", align_corners=False)
-            maps = self.geometry.apply(maps, geometry)
-        if self.spec.small_images:
-            x = self.geometry.apply(normalize(images, self.spec), geometry)
-        else:
-            x = self.geometry.apply(images.float() / 255, geometry)
-            x = colour_jitter(x, u[:, g : g + 3]) * 255
-            x = normalize(x, self.spec)
-        if self.erasing:
-            x = random_erasing(x, u[:, g + 3 :], self.erasing)
-            if maps is not None:
-                maps = random_erasing(maps, u[:, g + 3 :], self.erasing)
-        return x.contiguous(memory_format=torch.channels_last), maps
-
-
-def resize_to(x: torch.Tensor, side: int) -> torch.Tensor:
-    """``x`` at ``side``: bicubic up (the vitmask report's upsampling), area-aware bilinear
-    down (progressive resizing)."""
-    if side == x.shape[-1]:
-        return x
-    if side > x.shape[-1]:
-        return F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False)
-    return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
-
-
 @dataclass
-class Progress:
+class TrainState:
     """The counters of a run: what a checkpoint needs besides the state dicts."""
 
     iteration: int = 0
@@ -154,6 +56,44 @@ class Progress:
     best_iteration: int = -1
     curves: list[dict[str, float]] = field(default_factory=list)
     holdout: list[dict[str, float]] = field(default_factory=list)
+
+
+class Hooks(Protocol):
+    """What the loop asks of its caller at each point of its cadence."""
+
+    def log(self, row: dict[str, float]) -> None: ...
+    def holdout(self, iteration: int, score: float, improved: bool) -> None: ...
+    def checkpoint(self) -> None: ...
+    def advance(self, iteration: int) -> None: ...
+
+
+@dataclass
+class Window:
+    """Loss and correct predictions summed on the device since the last log (no host sync
+    per step), and when the window started (for images/s)."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def on(cls, device: torch.device) -> Window:
+        zero = torch.zeros((), device=device)
+        return cls(zero, torch.zeros((), device=device, dtype=torch.long))
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor) -> None:
+        self.loss += loss
+        self.correct += correct
+        self.steps += 1
+
+    def mean_loss(self) -> float:
+        return self.loss.item() / self.steps
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.correct.zero_()
+        self.steps, self.start = 0, time.perf_counter()
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -177,11 +117,10 @@ class Trainer:
         labels: Path | None = None,
         prior: Path | None = None,
     ) -> None:
-        from ran.models import find_variant
-
         self.params, self.data, self.out, self.ctx = params, data, out, context
         self.meta = read_meta(data)
         self.spec = LoaderSpec.from_meta(self.meta)
+        self.network_side = network_side(self.spec, params.upsample)
         self.recipe = Recipe.resolve(params, "cifar" if self.spec.small_images else "imagenet")
         self.variant = find_variant(params.family, params.depth, self.recipe.kind)
         if params.batch_size % context.world:
@@ -191,7 +130,9 @@ class Trainer:
             )
         clean = read_records(data / "train.beton")["label"]
         self.labels_path, self.prior_path = labels, prior
-        self.prior_maps = _prior_maps(self.variant, prior, self.meta)
+        takes_prior = getattr(self.variant.build, "takes_prior", False)
+        network = f"--family {params.family}"
+        self.prior_maps = prior_for(network, takes_prior, prior, "train", self.meta)
         self.labels = load_labels(labels, len(clean), self.meta["num_classes"]) if labels else clean
         self.train_indices, self.holdout_indices = holdout_split(
             self.labels, params.holdout, params.seed
@@ -212,11 +153,10 @@ class Trainer:
             "prior_sha256": sha256_file(prior / "train.npy") if prior else None,
             "world": context.world,
         }
+        self.dtype = autocast_dtype(params.precision, context.device)
 
     # -- building ---------------------------------------------------------------------
     def build(self) -> None:
-        from ran.models import build_model
-
         p, device = self.params, self.ctx.device
         torch.manual_seed(p.seed)
         model = build_model(self.arch["variant"], self.arch["num_classes"], **self.arch["options"])
@@ -224,7 +164,6 @@ class Trainer:
         self.model = model.to(device, memory_format=memory)
         self.optimizer = make_optimizer(p, self.model)
         self.schedule = make_schedule(p, self.recipe, self.optimizer)
-        self.dtype = autocast_dtype(p.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.step_model: torch.nn.Module = self.model
         if self.ctx.world > 1:
@@ -236,7 +175,7 @@ class Trainer:
             self.step_model = torch.compile(self.step_model)
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
         self.transform = BatchTransform(self.spec, p, p.seed)
-        self.progress = Progress()
+        self.state = TrainState()
 
         self.per_process_batch = p.batch_size // self.ctx.world
         self.loader = make_loader(
@@ -273,7 +212,7 @@ class Trainer:
     # -- state ------------------------------------------------------------------------
     def state_dict(self, run_id: str | None) -> dict[str, Any]:
         return {
-            "format": checkpoint.FORMAT,
+            "format": FORMAT,
             "arch": self.arch,
             "fingerprint": self.fingerprint,
             "model": self.model.state_dict(),
@@ -281,7 +220,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": checkpoint.rng_state(),
-            "progress": asdict(self.progress),
+            "progress": asdict(self.state),
             "run_id": run_id,
         }
 
@@ -303,10 +242,10 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
-        self.progress = Progress(**state["progress"])
+        self.state = TrainState(**state["progress"])
 
     def finished(self) -> bool:
-        return self.progress.iteration >= self.recipe.iterations
+        return self.state.iteration >= self.recipe.iterations
 
     # -- one step ---------------------------------------------------------------------
     def step(self, images: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,8 +253,8 @@ class Trainer:
         p, device = self.params, self.ctx.device
         index_np = index.numpy()
         maps = prior_batch(self.prior_maps, index_np, device)
-        x, maps = self.transform(images, index_np, self.progress.epoch, maps)
-        x = self.transform.resize(x, self.progress.iteration / self.recipe.iterations)
+        x, maps = self.transform(images, index_np, self.state.epoch, maps)
+        x = self.transform.resize(x, self.state.iteration / self.recipe.iterations)
         inputs = (x,) if maps is None else (x, maps)
         y = self.labels_on_device[index.to(device, non_blocking=True)]
         autocast = torch.autocast(device.type, dtype=self.dtype) if self.dtype else nullcontext()
@@ -337,7 +276,7 @@ class Trainer:
 
     def _mixup_draw(self, n: int) -> tuple[float, torch.Tensor]:
         """Mixup's λ and partner permutation, a function of (seed, iteration, rank)."""
-        rng = np.random.default_rng([self.params.seed, self.progress.iteration, self.ctx.rank])
+        rng = np.random.default_rng([self.params.seed, self.state.iteration, self.ctx.rank])
         lam = float(rng.beta(self.params.mixup, self.params.mixup))
         return lam, torch.from_numpy(rng.permutation(n)).to(self.ctx.device)
 
@@ -348,12 +287,12 @@ class Trainer:
 
     # -- held-out evaluation ----------------------------------------------------------
     def holdout_accuracy(self) -> float:
-        from ran.evaluate import predict
-
         self.model.eval()
         correct = total = 0
-        spec = replace(self.spec, resolution=network_side(self.spec, self.params))
-        batches = predict(self.model, self.holdout_loader, spec, self.dtype, prior=self.prior_maps)
+        spec = replace(self.spec, side=self.network_side)
+        batches = scored_batches(
+            self.model, self.holdout_loader, spec, self.dtype, prior=self.prior_maps
+        )
         for logits, _, index in batches:
             labels = self.labels[index.numpy()]
             correct += int((logits.argmax(1).cpu().numpy() == labels).sum())
@@ -361,68 +300,88 @@ class Trainer:
         self.model.train()
         return correct / max(total, 1)
 
+    # -- the cadence ------------------------------------------------------------------
+    def _every(self, period: int) -> bool:
+        return self.state.iteration % period == 0 or self.finished()
+
+    def due_log(self) -> bool:
+        return self._every(self.params.log_every)
+
+    def due_checkpoint(self) -> bool:
+        return self._every(self.params.checkpoint_every)
+
+    def due_holdout(self) -> bool:
+        return self.holdout_loader is not None and self._every(self.params.eval_every)
+
+    def _count_step(self) -> None:
+        """One more iteration; an epoch ends when this process has taken all its batches."""
+        s = self.state
+        s.iteration += 1
+        s.position += 1
+        if s.position == len(self.loader):
+            s.epoch, s.position = s.epoch + 1, 0
+
+    def _check_finite(self, window: Window) -> None:
+        """Stop before logging or checkpointing a diverged network (the last checkpoint
+        stays the last good one)."""
+        mean_loss = window.mean_loss()
+        if not (math.isfinite(mean_loss) and self._weights_finite()):
+            raise RanError(
+                f"the loss became {mean_loss} before iteration {self.state.iteration} "
+                f"(lr {self.schedule.get_last_lr()[0]:.4g}); the last good "
+                f"checkpoint {self.out / checkpoint.LAST} is intact: lower --lr "
+                "or use --precision fp32, then --resume"
+            )
+
+    def _log_row(self, window: Window) -> dict[str, float]:
+        took = time.perf_counter() - window.start
+        return {
+            "iteration": self.state.iteration,
+            "epoch": self.state.epoch,
+            "loss": window.mean_loss(),
+            "train_accuracy": window.correct.item() / (window.steps * self.per_process_batch),
+            "lr": self.schedule.get_last_lr()[0],
+            "images_per_s": window.steps * self.params.batch_size / took,
+        }
+
+    def _score_holdout(self, hooks: Hooks) -> None:
+        s = self.state
+        score = self.holdout_accuracy()
+        s.holdout.append({"iteration": s.iteration, "holdout_accuracy": score})
+        hooks.holdout(s.iteration, score, score > s.best_score)
+        if score > s.best_score:
+            s.best_score, s.best_iteration = score, s.iteration
+
+    def _epoch_batches(self) -> Any:
+        """The loader from where this run stands in its epoch (a resumed run skips what the
+        checkpointed run had taken)."""
+        self.loader.loader.traversal_order.skip = self.state.position * self.per_process_batch
+        self.loader.loader.next_epoch = self.state.epoch
+        return self.loader
+
     # -- the loop ---------------------------------------------------------------------
-    def run(self, hooks: Any) -> None:
+    def run(self, hooks: Hooks) -> None:
         """Train to ``recipe.iterations``; ``hooks`` logs, checkpoints and shows progress."""
-        p, prog = self.params, self.progress
-        loader, order = self.loader, self.loader.loader.traversal_order
         self.model.train()
-        loss_sum = torch.zeros((), device=self.ctx.device)
-        correct_sum = torch.zeros((), device=self.ctx.device, dtype=torch.long)
-        window_steps, window_start = 0, time.perf_counter()
+        window = Window.on(self.ctx.device)
         while not self.finished():
-            order.skip = prog.position * self.per_process_batch
-            loader.loader.next_epoch = prog.epoch
-            for images, _, index in loader:
-                loss, correct = self.step(images, index)
-                loss_sum += loss
-                correct_sum += correct
-                window_steps += 1
-                prog.iteration += 1
-                prog.position += 1
-                if prog.position == len(loader):
-                    prog.epoch, prog.position = prog.epoch + 1, 0
-                due_log = prog.iteration % p.log_every == 0 or self.finished()
-                due_ckpt = prog.iteration % p.checkpoint_every == 0 or self.finished()
-                due_eval = self.holdout_loader is not None and (
-                    prog.iteration % p.eval_every == 0 or self.finished()
-                )
-                if due_log or due_ckpt:
-                    mean_loss = loss_sum.item() / window_steps
-                    if not (math.isfinite(mean_loss) and self._weights_finite()):
-                        raise RanError(
-                            f"the loss became {mean_loss} before iteration {prog.iteration} "
-                            f"(lr {self.schedule.get_last_lr()[0]:.4g}); the last good "
-                            f"checkpoint {self.out / checkpoint.LAST} is intact: lower --lr "
-                            "or use --precision fp32, then --resume"
-                        )
-                if due_log:
-                    took = time.perf_counter() - window_start
-                    row = {
-                        "iteration": prog.iteration,
-                        "epoch": prog.epoch,
-                        "loss": mean_loss,
-                        "train_accuracy": correct_sum.item()
-                        / (window_steps * self.per_process_batch),
-                        "lr": self.schedule.get_last_lr()[0],
-                        "images_per_s": window_steps * p.batch_size / took,
-                    }
-                    prog.curves.append(row)
+            for images, _, index in self._epoch_batches():
+                window.add(*self.step(images, index))
+                self._count_step()
+                if self.due_log() or self.due_checkpoint():
+                    self._check_finite(window)
+                if self.due_log():
+                    row = self._log_row(window)
+                    self.state.curves.append(row)
                     hooks.log(row)
-                    loss_sum.zero_()
-                    correct_sum.zero_()
-                    window_steps, window_start = 0, time.perf_counter()
-                if due_eval:
-                    score = self.holdout_accuracy()
-                    prog.holdout.append({"iteration": prog.iteration, "holdout_accuracy": score})
-                    hooks.holdout(prog.iteration, score, score > prog.best_score)
-                    if score > prog.best_score:
-                        prog.best_score, prog.best_iteration = score, prog.iteration
-                    window_start = time.perf_counter()
-                if due_ckpt:
+                    window.reset()
+                if self.due_holdout():
+                    self._score_holdout(hooks)
+                    window.start = time.perf_counter()
+                if self.due_checkpoint():
                     hooks.checkpoint()
-                hooks.advance(prog.iteration)
-                if self.finished() or prog.position == 0:
+                hooks.advance(self.state.iteration)
+                if self.finished() or self.state.position == 0:
                     break
 
 

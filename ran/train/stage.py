@@ -1,5 +1,6 @@
-"""The training stage around :class:`~ran.train.loop.Trainer`: the output folder's lock, the
-resume decision, the MLflow run, the progress bar, checkpoints and the final model.
+"""The training stage around :class:`~ran.train.loop.Trainer`: the resume decision, the
+tracked stage (output folder and MLflow run), the progress bar, checkpoints and the final
+model.
 
 Only the main process (rank 0) writes files and talks to MLflow; the others train.
 """
@@ -13,8 +14,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ran.config import TrainParams
+from ran.inference.predictor import log_image_model
+from ran.modelfile import BEST, MODEL, load, model_record, save
+from ran.outputs import atomic_write
+from ran.progress import progress_bar
+from ran.tracking import log_file_dataset, log_outputs, tracked_stage
 from ran.train import checkpoint, distributed
-from ran.train.loop import Trainer, network_side
+from ran.train.loop import Trainer
 
 Resume = Literal["no", "yes", "auto"]
 CURVES = "curves.csv"
@@ -22,23 +28,18 @@ HOLDOUT = "holdout.csv"
 SUMMARY = "summary.json"
 
 
-def model_record(trainer: Trainer, run_id: str) -> dict[str, Any]:
-    """``model.pt``: weights plus what rebuilds and feeds the network (see checkpoint.py)."""
-    return {
-        "format": checkpoint.FORMAT,
-        "arch": trainer.arch,
-        "state_dict": trainer.model.state_dict(),
-        "classes": trainer.meta["classes"],
-        "dataset": trainer.meta["dataset"],
-        "mean": list(trainer.spec.mean),
-        "std": list(trainer.spec.std),
-        "input_size": network_side(trainer.spec, trainer.params),
-        "data_side": trainer.spec.resolution,  # what the loader gives, before --upsample
-        "small_images": trainer.spec.small_images,
-        "iteration": trainer.progress.iteration,
-        "run_id": run_id,
-        "prior": _prior_record(trainer),
-    }
+def _model_record(trainer: Trainer, run_id: str) -> dict[str, Any]:
+    """What ``model.pt`` holds for this trainer's network (:mod:`ran.modelfile`)."""
+    return model_record(
+        trainer.arch,
+        trainer.model.state_dict(),
+        trainer.meta,
+        trainer.spec,
+        trainer.network_side,
+        trainer.state.iteration,
+        run_id,
+        _prior_record(trainer),
+    )
 
 
 def _prior_record(trainer: Trainer) -> dict[str, Any] | None:
@@ -56,8 +57,6 @@ def _write_csv(path: Path, rows: list[dict[str, float]]) -> None:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["iteration"])
             writer.writeheader()
             writer.writerows(rows)
-
-    from ran.outputs import atomic_write
 
     atomic_write(path, write)
 
@@ -88,14 +87,14 @@ class _Hooks:
         mlflow.log_metric("holdout_accuracy", score, step=iteration)
         if improved:
             trainer = self.trainer
-            checkpoint.save(trainer.out / checkpoint.BEST, model_record(trainer, self.run_id))
+            save(trainer.out / BEST, _model_record(trainer, self.run_id))
 
     def checkpoint(self) -> None:
         trainer = self.trainer
-        checkpoint.save(trainer.out / checkpoint.LAST, trainer.state_dict(self.run_id))
-        _write_csv(trainer.out / CURVES, trainer.progress.curves)
-        if trainer.progress.holdout:
-            _write_csv(trainer.out / HOLDOUT, trainer.progress.holdout)
+        save(trainer.out / checkpoint.LAST, trainer.state_dict(self.run_id))
+        _write_csv(trainer.out / CURVES, trainer.state.curves)
+        if trainer.state.holdout:
+            _write_csv(trainer.out / HOLDOUT, trainer.state.holdout)
 
     def advance(self, iteration: int) -> None:
         self.bar.update(self.task, completed=iteration)
@@ -110,40 +109,13 @@ class _Silent:
     def advance(self, iteration: int) -> None: ...
 
 
-def _progress_bar() -> Any:
-    """A rich bar; where output is not a terminal (DVC, CI logs), wide enough to be read."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(
-            "loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f} lr {task.fields[lr]:.3g} "
-            "{task.fields[ips]:.0f} img/s"
-        ),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True, width=None if sys.stderr.isatty() else 140),
-    )
-
-
 def _resume_state(trainer: Trainer, resume: Resume) -> dict[str, Any] | None:
     """The checkpoint to continue from. ``yes``: it must exist and match; ``auto`` (the DVC
     stage): an unfinished checkpoint of the same settings, else a fresh start."""
     path = trainer.out / checkpoint.LAST
     if resume == "no" or (resume == "auto" and not path.is_file()):
         return None
-    state = checkpoint.load(path, "checkpoint", "start afresh without --resume")
+    state = load(path, "checkpoint", "start afresh without --resume")
     if resume == "auto":
         progress = state.get("progress", {})
         same = state.get("arch") == trainer.arch and state.get("fingerprint") == trainer.fingerprint
@@ -153,8 +125,6 @@ def _resume_state(trainer: Trainer, resume: Resume) -> dict[str, Any] | None:
 
 
 def _log_inputs(trainer: Trainer) -> None:
-    from ran.tracking import log_file_dataset
-
     train = trainer.meta["splits"]["train"]
     log_file_dataset(
         trainer.data / "train.beton", f"{trainer.meta['dataset']}-train", train["sha256"], "train"
@@ -180,17 +150,15 @@ def _log_model(trainer: Trainer, register: bool) -> None:
     ViT), so its ``model.pt`` is logged as a plain artifact instead."""
     import mlflow
 
-    from ran.inference.predictor import log_image_model
-
     if trainer.prior_path is not None:
-        mlflow.log_artifact(str(trainer.out / checkpoint.MODEL), "model")
+        mlflow.log_artifact(str(trainer.out / MODEL), "model")
         print(
             "model.pt logged as an artifact, not as an MLflow image model: a vitmask network "
             "needs a prior map per image, which the image model does not compute",
             file=sys.stderr,
         )
         return
-    log_image_model(trainer.out / checkpoint.MODEL, registered_name(trainer) if register else None)
+    log_image_model(trainer.out / MODEL, registered_name(trainer) if register else None)
 
 
 def train_model(
@@ -204,19 +172,20 @@ def train_model(
     prior: Path | None = None,
 ) -> dict[str, Any]:
     """Train into ``out``: ``checkpoint-last.pt``, ``model.pt`` (+ ``model-best.pt`` with a
-    hold-out), ``curves.csv``, ``summary.json``; one MLflow run; returns the summary."""
+    hold-out), ``curves.csv``, ``summary.json``; one MLflow run; returns the summary (an
+    empty one on the other processes of a DDP run)."""
     context = distributed.setup(params.device)
     try:
         trainer = Trainer(params, data, out, context, labels, prior)
         if context.main:
             out.mkdir(parents=True, exist_ok=True)
         distributed.barrier(context)
-        if context.main:
-            return _main_process(trainer, experiment, resume, tags)
         trainer.build()
         state = _resume_state(trainer, resume)
         if state:
             trainer.load_state_dict(state, out / checkpoint.LAST)
+        if context.main:
+            return _main_process(trainer, experiment, state, tags)
         trainer.run(_Silent())
         distributed.barrier(context)
         return {}
@@ -224,72 +193,64 @@ def train_model(
         distributed.teardown(context)
 
 
+def _logged_params(trainer: Trainer) -> dict[str, Any]:
+    """The run's params: the settings, the inputs and what the recipe resolved them to."""
+    return {
+        **trainer.params.model_dump(mode="json"),
+        "data": str(trainer.data),
+        "labels": str(trainer.labels_path) if trainer.labels_path else None,
+        "prior": str(trainer.prior_path) if trainer.prior_path else None,
+        "variant": trainer.variant.name,
+        "resolved_iterations": trainer.recipe.iterations,
+        "resolved_milestones": trainer.recipe.milestones,
+        "num_classes": trainer.meta["num_classes"],
+        "world_size": trainer.ctx.world,
+        "device_type": trainer.ctx.device.type,
+        "autocast": str(trainer.dtype).replace("torch.", "") if trainer.dtype else "fp32",
+    }
+
+
 def _main_process(
-    trainer: Trainer, experiment: str, resume: Resume, tags: dict[str, str] | None
+    trainer: Trainer, experiment: str, state: dict[str, Any] | None, tags: dict[str, str] | None
 ) -> dict[str, Any]:
     import mlflow
 
-    from ran.outputs import claim_output
-    from ran.tracking import end_killed_run, stage_run
-
-    with claim_output(trainer.out) as claim:
-        trainer.build()
-        state = _resume_state(trainer, resume)
-        if state:
-            trainer.load_state_dict(state, trainer.out / checkpoint.LAST)
-        run_id = state.get("run_id") if state else None
-        if claim.previous_run_id != run_id:
-            end_killed_run(claim.previous_run_id)
-        logged = {
-            **trainer.params.model_dump(mode="json"),
-            "data": str(trainer.data),
-            "labels": str(trainer.labels_path) if trainer.labels_path else None,
-            "prior": str(trainer.prior_path) if trainer.prior_path else None,
-            "variant": trainer.variant.name,
-            "resolved_iterations": trainer.recipe.iterations,
-            "resolved_milestones": trainer.recipe.milestones,
-            "num_classes": trainer.meta["num_classes"],
-            "world_size": trainer.ctx.world,
-            "device_type": trainer.ctx.device.type,
-            "autocast": str(trainer.dtype).replace("torch.", "") if trainer.dtype else "fp32",
-        }
-        mlflow.enable_system_metrics_logging()
-        with stage_run("train", experiment, logged, run_id=run_id, tags=tags) as run:
-            claim.record_run(run.info.run_id)
-            if state is None:
-                _log_inputs(trainer)
-            bar = _progress_bar()
-            with bar:
-                task = bar.add_task(
-                    "train",
-                    total=trainer.recipe.iterations,
-                    completed=trainer.progress.iteration,
-                    loss=float("nan"),
-                    acc=float("nan"),
-                    lr=trainer.schedule.get_last_lr()[0],
-                    ips=0.0,
-                )
-                trainer.run(_Hooks(trainer, run.info.run_id, bar, task))
-            distributed.barrier(trainer.ctx)
-            checkpoint.save(trainer.out / checkpoint.MODEL, model_record(trainer, run.info.run_id))
-            summary = _summary(trainer, run.info.run_id)
-            from ran.outputs import atomic_write
-
-            atomic_write(
-                trainer.out / SUMMARY,
-                lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"),
+    run_id = state.get("run_id") if state else None
+    mlflow.enable_system_metrics_logging()
+    logged = _logged_params(trainer)
+    with tracked_stage("train", experiment, logged, trainer.out, run_id=run_id, tags=tags) as run:
+        if state is None:
+            _log_inputs(trainer)
+        fields = (
+            "loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f} lr {task.fields[lr]:.3g} "
+            "{task.fields[ips]:.0f} img/s"
+        )
+        with progress_bar(fields) as bar:
+            task = bar.add_task(
+                "train",
+                total=trainer.recipe.iterations,
+                completed=trainer.state.iteration,
+                loss=float("nan"),
+                acc=float("nan"),
+                lr=trainer.schedule.get_last_lr()[0],
+                ips=0.0,
             )
-            mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
-            for name in (CURVES, HOLDOUT, SUMMARY):
-                if (trainer.out / name).is_file():
-                    mlflow.log_artifact(str(trainer.out / name))
-            if trainer.params.log_model:
-                _log_model(trainer, trainer.params.register_model)
-        return summary
+            trainer.run(_Hooks(trainer, run.info.run_id, bar, task))
+        distributed.barrier(trainer.ctx)
+        save(trainer.out / MODEL, _model_record(trainer, run.info.run_id))
+        summary = _summary(trainer, run.info.run_id)
+        atomic_write(
+            trainer.out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        )
+        mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
+        log_outputs(trainer.out, (CURVES, HOLDOUT, SUMMARY))
+        if trainer.params.log_model:
+            _log_model(trainer, trainer.params.register_model)
+    return summary
 
 
 def _summary(trainer: Trainer, run_id: str) -> dict[str, Any]:
-    prog = trainer.progress
+    prog = trainer.state
     last = prog.curves[-1] if prog.curves else {}
     summary: dict[str, Any] = {
         "run_id": run_id,

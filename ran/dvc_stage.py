@@ -1,5 +1,5 @@
-"""What the DVC stage scripts share: the profile they run, and the tags that tie their MLflow
-runs to one pipeline execution and to the data versions DVC recorded.
+"""The context a DVC stage script (``pipeline/``) runs in: the profile it runs, and the tags
+that tie its MLflow runs to one pipeline execution and to the data versions DVC recorded.
 """
 
 from __future__ import annotations

@@ -1,0 +1,44 @@
+"""Where the pipeline keeps each stage's output, relative to the repository root.
+
+The one place the CLI's defaults, the DVC stage scripts (``pipeline/``) and the studies
+read these paths from. ``dvc.yaml`` and ``studies/dvc.yaml`` spell them out literally, as
+DVC needs; ``tests/test_architecture.py`` checks that they agree with this module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MAIN_DATASET = "cifar10"  # the main pipeline's data set: its ingest output is INGEST
+
+DATA = Path("data")
+INGEST = DATA / "ingest"
+NOISE = DATA / "noise"
+LABELS = NOISE / "labels.npy"
+TRAIN = DATA / "train"
+MODEL = TRAIN / "model.pt"
+EVALUATE = DATA / "evaluate"
+PRIORS = DATA / "prior"
+STUDIES = DATA / "studies"
+REPORTS = Path("reports")
+
+
+def ingest_folder(dataset: str) -> Path:
+    """``dataset``'s ingest output: the main pipeline's for CIFAR-10, else
+    ``data/<dataset>/ingest`` (``studies/dvc.yaml`` ingests it)."""
+    return INGEST if dataset == MAIN_DATASET else DATA / dataset / "ingest"
+
+
+def prior_folder(dataset: str) -> Path:
+    """The prior stage's output for ``dataset``."""
+    return PRIORS / dataset
+
+
+def cell_folder(study: str, cell: str) -> Path:
+    """A study cell's output: its noise, train and evaluate folders."""
+    return STUDIES / study / cell
+
+
+def report_folder(study: str) -> Path:
+    """A study's report: report.md, report.png, results.json."""
+    return REPORTS / study
