@@ -27,9 +27,17 @@ from ran.config import (
     ValidationParams,
     parse,
     profile_values,
+    resolve_profile,
     with_source_override,
 )
+from ran.data.ingest import tracked_ingest
+from ran.devices import pick_device
 from ran.errors import user_errors
+from ran.model_table import model_table
+from ran.noise.stage import tracked_noise
+from ran.studies import get_study
+from ran.studies.report import tracked_report
+from ran.tracking import repo_root, tracking_uri
 
 app = typer.Typer(
     name="ran-cli",
@@ -89,8 +97,6 @@ def ingest(
     Images are validated with Great Expectations and the run is logged to MLflow
     (MLFLOW_TRACKING_URI, default sqlite:///mlflow.db at the repository root).
     """
-    from ran.data.ingest import tracked_ingest
-
     values = {
         "dataset": dataset,
         "source": source,
@@ -118,8 +124,6 @@ def models(
     ] = False,
 ) -> None:
     """List every registered model variant: input size, depth, params and MACs vs the paper."""
-    from ran.model_table import model_table
-
     rows = model_table()
     if json_output:
         print(json.dumps(rows, indent=2))
@@ -164,8 +168,6 @@ def noise(
     OUT/report.json (requested and achieved rate, transition matrix, per-class flips) and
     OUT/transition.png; validated with Great Expectations and logged to MLflow. The images
     are not copied."""
-    from ran.noise.stage import tracked_noise
-
     params = parse(NoiseParams, values, "noise")
     report = tracked_noise(params, data, out, experiment)
     keys = ("kind", "requested_rate", "achieved_rate", "flipped_records", "records")
@@ -244,7 +246,6 @@ def train(
 ) -> None:
     import torch
 
-    from ran.config import resolve_profile
     from ran.train.stage import train_model
 
     base = profile_values("train", resolve_profile(profile, torch.cuda.is_available()))
@@ -321,7 +322,6 @@ def predict(
 ) -> None:
     import sys
 
-    from ran.devices import pick_device
     from ran.inference.predict import predict_files
     from ran.inference.predictor import load_predictor
 
@@ -400,13 +400,9 @@ def report(
 ) -> None:
     import torch
 
-    from ran.config import resolve_profile
-    from ran.studies import get_study
-    from ran.studies.report import tracked_report
-
     chosen = get_study(study)
     resolved = resolve_profile(profile, torch.cuda.is_available())
-    folder = out or Path("reports") / chosen.name
+    folder = out or paths.report_folder(chosen.name)
     tracked_report(chosen, experiment, resolved, folder)
     print((folder / "report.md").read_text(), end="")
 
@@ -432,8 +428,6 @@ def ui(
     import os
     import sys
     from urllib.parse import urlparse
-
-    from ran.tracking import repo_root, tracking_uri
 
     uri = tracking_uri()
     scheme = urlparse(uri).scheme

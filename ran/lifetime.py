@@ -3,8 +3,9 @@
 A stage's workers (ingest's decoders, FFCV's writer, serve's API server, queue manager and
 inference worker) block on pipes and queues; orphaned by a killed parent they would wait
 forever, holding memory and ports. :func:`install` makes every later ``fork`` of the
-process set ``PR_SET_PDEATHSIG`` (SIGKILL) in the child, before the child runs anything;
-a child started by ``exec`` (multiprocessing's spawn) calls :func:`die_with_parent`.
+process set ``PR_SET_PDEATHSIG`` (SIGKILL) in the child before it runs its task (and so
+in the children it forks in turn); a child started by ``exec`` (multiprocessing's spawn)
+runs no fork hook and calls :func:`die_with_parent` itself.
 
 The kernel sends the signal when the *thread* that forked the child ends, not the
 process. Python's main thread lasts as long as the process, so forks from it get the
@@ -24,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 POLL_S = 0.5  # how often a child forked from another thread checks its parent
@@ -32,7 +34,7 @@ _forking = threading.local()  # in the parent, per forking thread: who forks, fr
 _installed = False
 
 
-def _load_prctl() -> ctypes._CFuncPtr | None:
+def _load_prctl() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -52,11 +54,11 @@ def _ended(sig: int) -> None:
 def die_with_parent(parent: int | None = None, sig: int = signal.SIGKILL) -> bool:
     """Make this process get ``sig`` when its parent ends; end it now if it already has.
 
-    ``parent`` is the pid the parent had (default: multiprocessing's parent process; a
-    process that is none's child is left alone): a parent that died before the prctl
-    cannot signal any more, so the parent pid is checked after it. Call it from the
-    child's main thread (the setting belongs to the calling thread). Returns whether the
-    signal is armed (False off Linux, or when there is no parent to die with).
+    ``parent`` is the pid the parent had (default: the process that started this one
+    through multiprocessing; in a process not started so, nothing is done): a parent that
+    died before the prctl cannot signal any more, so the parent pid is checked after it.
+    Call it from the child's main thread (the setting belongs to the calling thread).
+    Returns whether the signal is armed (False off Linux, or with no parent to die with).
     """
     if parent is None:
         import multiprocessing

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ran import lifetime
 from ran.errors import RanError
+from ran.inference.images import read_image
 
 
 class ScoringRequest(BaseModel):
@@ -54,8 +55,6 @@ class ImageAPI(ls.LitAPI):
 
     def decode_request(self, request: ScoringRequest) -> Any:
         """The request's uint8 input batch, or the reason (str) it is refused."""
-        from ran.inference.images import read_image
-
         if not request.inputs:
             return "inputs is empty: send at least one base64-encoded image"
         images = []

@@ -311,10 +311,10 @@ def make_loader(
         os_cache=True,
         pipelines={"image": image, "label": label, "index": index},
     )
-    return ThreadSafeLoader(loader, threads)
+    return LoaderKeepingTorchThreads(loader, threads)
 
 
-class ThreadSafeLoader:
+class LoaderKeepingTorchThreads:
     """An FFCV loader that gives torch back its thread count.
 
     FFCV's ``Loader`` (and each epoch's iterator) sets torch's global thread count to its

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ran.data.beton import IMAGENET_CROP_RATIO
+from ran.data.sources import to_rgb
 from ran.errors import RanError
 
 
 def read_image(source: Path | bytes, name: str) -> np.ndarray:
     """H×W×3 ``uint8`` RGB, upright; anything PIL cannot decode is a RanError naming ``name``."""
     from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from ran.data.sources import to_rgb
 
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
@@ -39,8 +39,6 @@ def read_image(source: Path | bytes, name: str) -> np.ndarray:
 
 def crop_ratio(small_images: bool) -> float:
     """The share of the short side evaluation keeps: all of it for CIFAR-size data."""
-    from ran.data.beton import IMAGENET_CROP_RATIO
-
     return 1.0 if small_images else IMAGENET_CROP_RATIO
 
 

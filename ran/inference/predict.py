@@ -19,6 +19,7 @@ from typing import Any
 
 from ran.errors import RanError
 from ran.inference.images import read_image
+from ran.inference.masks import write_overlays
 from ran.inference.predictor import TOP, Predictor
 from ran.outputs import staged_output
 from ran.progress import progress_bar
@@ -107,8 +108,6 @@ def _score(
     predictor: Predictor, decoded: list[tuple[ImageFile, Any]], top: int, folder: Path | None
 ) -> list[dict[str, Any]]:
     """One batch: its rows, and its mask figures into ``folder`` when given."""
-    from ran.inference.masks import write_overlays
-
     inputs = predictor.inputs([image for _, image in decoded])
     tops = predictor.top(predictor.probabilities(inputs), top)
     if folder is not None:

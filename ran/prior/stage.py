@@ -22,6 +22,7 @@ from ran.config import PriorParams
 from ran.data.beton import LoaderSpec, make_loader
 from ran.data.meta import read_meta
 from ran.data.sources import sha256_file
+from ran.data.validate import check_frames
 from ran.devices import pick_device
 from ran.errors import RanError
 from ran.outputs import staged_output
@@ -89,8 +90,6 @@ def validate_prior(maps: dict[str, np.ndarray], counts: dict[str, int]) -> Any:
     """Great Expectations on each split's per-record table: one map per record, every
     weight finite and in [0, 1], a map's weights summing to at most 1 (a softmax row)."""
     import great_expectations.expectations as gxe
-
-    from ran.data.validate import check_frames
 
     def expectations(count: int) -> list[Any]:
         return [

@@ -1,0 +1,185 @@
+"""The library's shape, checked: layers that import one way (import-linter's contract in
+pyproject.toml), first-party imports at the top of modules unless they keep a heavy library
+lazy, DVC stage deps that cover the code each stage runs, and the data paths in one place."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import BIN, REPO
+from stage_code import files_run, missing_deps
+
+from ran import paths
+
+# Importing one of these at module level is what a function-level import may avoid.
+HEAVY = {"torch", "torchvision", "mlflow", "ffcv", "great_expectations", "timm", "ray", "litserve"}
+
+
+def _copy_project(tmp: Path) -> Path:
+    """The code, config and DVC files of the repository in ``tmp`` (no data, no venv)."""
+    root = tmp / "project"
+    ignore = shutil.ignore_patterns("__pycache__")
+    for folder in ("ran", "pipeline", "tests", "studies"):
+        shutil.copytree(REPO / folder, root / folder, ignore=ignore)
+    for file in ("pyproject.toml", "dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / file, root / file)
+    return root
+
+
+def _plant(module: Path, line: str) -> None:
+    module.write_text(module.read_text() + f"\n{line}  # noqa: E402, F401\n")
+
+
+def test_a_planted_upward_import_breaks_the_layers_contract(tmp_path: Path) -> None:
+    """``lint-imports`` (run by ``make lint``) passes on the code and fails, naming the
+    import, when a lower layer imports a higher one, even inside a function."""
+    root = _copy_project(tmp_path)
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "PYTHONPATH": str(root)}
+    kept = subprocess.run([BIN / "lint-imports"], cwd=root, env=env, capture_output=True, text=True)
+    assert kept.returncode == 0, kept.stdout[-2000:]
+    assert "2 kept, 0 broken" in kept.stdout
+    meta = root / "ran" / "data" / "meta.py"
+    meta.write_text(meta.read_text() + "\n\ndef _upward():\n    from ran.train import loop\n")
+    broken = subprocess.run(
+        [BIN / "lint-imports"], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert broken.returncode == 1
+    assert "ran.data is not allowed to import ran.train" in broken.stdout
+    assert "ran.data.meta -> ran.train.loop" in broken.stdout
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """What a module imports when it is imported (``if TYPE_CHECKING`` blocks excluded)."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def _module_path(module: str) -> Path | None:
+    path = REPO / Path(*module.split("."))
+    if path.is_dir():
+        return path / "__init__.py"
+    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
+
+
+def _loads_heavy(module: str, seen: set[str]) -> bool:
+    """Whether importing first-party ``module`` imports a heavy library (its packages'
+    ``__init__`` included)."""
+    parts = module.split(".")
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        path = _module_path(name)
+        if name in seen or path is None:
+            continue
+        seen.add(name)
+        for imported in _top_level_imports(path):
+            if imported.split(".")[0] in HEAVY:
+                return True
+            if imported.split(".")[0] == "ran" and _loads_heavy(imported, seen):
+                return True
+    return False
+
+
+def test_first_party_imports_inside_functions_only_keep_a_heavy_library_lazy() -> None:
+    """An import of a ``ran`` module inside a function must be one whose import would load
+    torch, MLflow, FFCV, Great Expectations, timm, Ray or LitServe; every other first-party
+    import belongs at the top of the module."""
+    needless = []
+    for path in sorted((REPO / "ran").rglob("*.py")):
+        for function in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            imports = [n for n in ast.walk(function) if isinstance(n, ast.ImportFrom)]
+            for node in imports:
+                first_party = (node.module or "").startswith("ran")
+                if first_party and not _loads_heavy(node.module, set()):
+                    needless.append(f"{path.relative_to(REPO)}:{node.lineno} {node.module}")
+    assert needless == []
+    assert _loads_heavy("ran.train.loop", set()) and not _loads_heavy("ran.tracking", set())
+
+
+def test_every_stage_declares_the_code_it_runs() -> None:
+    assert missing_deps(REPO) == {}
+
+
+def test_a_planted_import_outside_a_stage_deps_is_found(tmp_path: Path) -> None:
+    """A module the ingest stage runs that starts importing one its deps do not name makes
+    the check fail, naming the stage and the file."""
+    root = _copy_project(tmp_path)
+    _plant(root / "ran" / "data" / "beton.py", "import ran.studies.tables")
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "PYTHONPATH": str(root)}
+    check = [sys.executable, str(root / "tests" / "stage_code.py"), "--check"]
+    result = subprocess.run(check, cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "dvc.yaml:ingest runs ran/studies/__init__.py, ran/studies/tables.py" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_change_in_any_module_evaluate_runs_makes_dvc_see_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real DVC in a fresh git repository: with ``evaluate`` committed, editing any file
+    its script runs makes ``dvc status`` report the stage changed, and undoing it does not."""
+    from dvc.repo import Repo
+
+    root = _copy_project(tmp_path)
+    for path in ("data/ingest/meta.json", "data/train/model.pt", "data/evaluate/masks/a.png"):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(path)
+    for name in ("per_class.json", "confusion.json", "metrics.json", "predictions.csv"):
+        (root / "data" / "evaluate" / name).write_text(name)
+    (root / "data" / "evaluate" / "confusion.png").write_text("png")
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    for command in (["git", "init", "-q"], [BIN / "dvc", "init", "-q"]):
+        subprocess.run(command, cwd=root, env=env, check=True)
+    subprocess.run([BIN / "dvc", "commit", "-f", "-q", "evaluate"], cwd=root, env=env, check=True)
+    monkeypatch.chdir(root)  # DVC resolves targets from the working directory
+    repo = Repo(str(root))
+    assert repo.status(targets=["evaluate"]) == {}
+    files = sorted(files_run(Path("pipeline/evaluate.py"), REPO))
+    assert "ran/inference/scoring.py" in files and "ran/modelfile.py" in files
+    unseen = []
+    for file in files:
+        original = (root / file).read_text()
+        (root / file).write_text(original + "\n# changed\n")
+        if "evaluate" not in repo.status(targets=["evaluate"]):
+            unseen.append(file)
+        (root / file).write_text(original)
+    assert unseen == []
+    assert repo.status(targets=["evaluate"]) == {}
+
+
+def test_dvc_files_write_the_paths_of_ran_paths() -> None:
+    """``dvc.yaml`` and ``studies/dvc.yaml`` spell out the data paths of :mod:`ran.paths`."""
+    main = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert main["ingest"]["outs"] == [str(paths.INGEST)]
+    assert main["noise"]["outs"] == [str(paths.NOISE)]
+    assert {str(paths.INGEST), str(paths.LABELS)} <= set(main["train"]["deps"])
+    train_outs = [next(iter(o)) if isinstance(o, dict) else o for o in main["train"]["outs"]]
+    assert str(paths.MODEL) in train_outs
+    assert all(o.startswith(f"{paths.TRAIN}/") for o in train_outs)
+    assert {str(paths.MODEL), str(paths.INGEST)} <= set(main["evaluate"]["deps"])
+    assert all(o.startswith(f"{paths.EVALUATE}/") for o in main["evaluate"]["outs"])
+
+    studies = yaml.safe_load((REPO / "studies" / "dvc.yaml").read_text())["stages"]
+    assert studies["ingest-cifar100"]["outs"] == [str(paths.ingest_folder("cifar100"))]
+    ingests = studies["prior"]["foreach"]
+    assert ingests == {d: str(paths.ingest_folder(d)) for d in ("cifar10", "cifar100")}
+    assert studies["prior"]["do"]["outs"] == [str(paths.prior_folder("${key}"))]
+    for study in ("noise", "arl-nal", "attention", "mask"):
+        (cell_out,) = studies[f"{study}-cell"]["outs"]
+        assert next(iter(cell_out)) == str(paths.cell_folder(study, "${item.cell}"))
+        assert studies[study]["outs"] == [f"{paths.report_folder(study)}/report.md"]
+    (vitmask_out,) = studies["vitmask-cell"]["do"]["outs"]
+    assert next(iter(vitmask_out)) == str(paths.cell_folder("vitmask", "${key}"))
