@@ -180,7 +180,7 @@ A frozen self-supervised ViT (timm; DINO ViT-S/8 by default) runs once over the 
 
 Writes OUT/train.npy and OUT/val.npy (float16, records × h × w, indexed by record, memory-mappable), OUT/report.json, OUT/sample.png (images beside their maps) and OUT/validation.json (Great Expectations); logged to MLflow.
 
-Without network: download the weights elsewhere (README, "ViT weights") and pass --vit-weights FILE. --init random uses seeded random weights instead: it runs anywhere, but such a prior carries no information.
+Without network: download the weights elsewhere (docs/vitmask.md, "ViT weights") and pass --vit-weights FILE. --init random uses seeded random weights instead: it runs anywhere, but such a prior carries no information.
 """  # noqa: E501 - one line per paragraph: the help formatter wraps them
 
 

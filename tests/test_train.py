@@ -221,6 +221,18 @@ def test_bad_input_is_one_line_and_writes_nothing(
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_a_family_without_depth_takes_its_usual_one(small_ingest: Path, tmp_path: Path) -> None:
+    """``--family`` alone picks the family's depth (ResNet-8 for vitmask, ResNet-164), so
+    what is refused is the real problem, not the attention family's default depth 92."""
+    from ran.config import TrainParams
+
+    assert [TrainParams(family=f).depth for f in ("attention", "resnet", "vitmask")] == [92, 164, 8]
+    assert TrainParams(family="resnet", depth=20).depth == 20
+    out = tmp_path / "t"
+    refused = _refused("train", "--data", small_ingest, "--out", out, "--family", "vitmask")
+    assert refused.startswith("error: --family vitmask needs the ViT attention prior")
+
+
 def test_bad_checkpoints_and_labels(small_ingest: Path, tmp_path: Path) -> None:
     out = tmp_path / "train"
     base = ["train", "--data", small_ingest, "--out", out, *TINY_TRAIN, "--iterations", "2"]

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -28,9 +28,6 @@ from ran.data.parallel import ordered_map
 from ran.data.sources import Split
 from ran.errors import RanError
 from ran.progress import progress_bar
-
-if TYPE_CHECKING:
-    pass
 
 FIELDS = ("image", "label", "index")
 IMAGENET_CROP_RATIO = 224 / 256

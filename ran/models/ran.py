@@ -8,7 +8,7 @@ baseline shares every line of code with the network it is compared against.
 
 ImageNet rows follow the authors' prototxts (``imagenet_model/Attention-{56,92}-deploy``,
 ``AttentionNeXt-56-deploy`` in fwang91/residual-attention-network). CIFAR rows are our
-reading of the paper, which gives only depths and parameter counts (the README section
+reading of the paper, which gives only depths and parameter counts (docs/models.md, section
 "Decisions the paper leaves open (CIFAR)" gives the reasons): ResNet-164 widths
 (16 -> 64/128/256), modules split evenly over the three stages, mask pooling levels 3/2/1
 at 32/16/8 px (the mask bottoms out at 4x4), and three plain units at 8x8 so that

@@ -60,7 +60,7 @@ def load_vit(
             raise RanError(f"--size {size} does not suit {name}: {_first_line(exc)}") from None
         raise RanError(
             f"cannot get the weights of {name} ({_first_line(exc)}); without network pass a "
-            "local file with --vit-weights (README: ViT weights)"
+            "local file with --vit-weights (docs/vitmask.md: ViT weights)"
         ) from None
     patch = vit.patch_embed.patch_size[0]
     if size % patch:

@@ -170,7 +170,7 @@ STUDIES = {
 # adds the input size and the length): AdamW (beta 0.9/0.999), weight decay 5e-4, batch 128,
 # random erasing of 2-33 % of the area, a 45,000/5,000 split. Its learning rate, 0.2, would
 # blow AdamW up (its steps are about lr in size, whatever the gradient's scale); 1e-3, AdamW's
-# own default, with a cosine decay is used, and `-S` reaches any other (README).
+# own default, with a cosine decay is used, and `-S` reaches any other (docs/vitmask.md).
 VITMASK_RECIPE: dict[str, Any] = {
     "optimizer": "adamw",
     "lr": 1e-3,
