@@ -37,7 +37,7 @@ from ran.model_table import model_table
 from ran.noise.stage import tracked_noise
 from ran.studies import get_study
 from ran.studies.report import tracked_report
-from ran.tracking import repo_root, tracking_uri
+from ran.tracking import repo_root, runs_page, tracking_uri
 
 app = typer.Typer(
     name="ran-cli",
@@ -424,6 +424,9 @@ def ui(
     host: Annotated[
         str, typer.Option(help="interface to bind (0.0.0.0 opens the UI to the network)")
     ] = "127.0.0.1",
+    experiment: Annotated[
+        str, typer.Option(help="MLflow experiment whose runs the printed link opens")
+    ] = TrackingParams.model_fields["experiment"].default,
 ) -> None:
     import os
     import sys
@@ -432,7 +435,8 @@ def ui(
     uri = tracking_uri()
     scheme = urlparse(uri).scheme
     if scheme in ("http", "https"):
-        print(f"MLflow UI is already at {uri} (MLFLOW_TRACKING_URI is a tracking server)")
+        page = runs_page(uri.rstrip("/"), experiment)
+        print(f"MLflow UI is already at {uri} (MLFLOW_TRACKING_URI is a tracking server): {page}")
         return
     args = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
     args += ["--host", host, "--port", str(port), "--workers", "1"]
@@ -443,7 +447,8 @@ def ui(
     # MLflow's job runner (GenAI judges, scheduled tasks) is eight more processes this
     # project never uses; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true brings it back.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
-    print(f"MLflow UI: http://{host}:{port} (store {uri}; Ctrl-C stops it)", flush=True)
+    page = runs_page(f"http://{host}:{port}", experiment)
+    print(f"MLflow UI: {page} (store {uri}; Ctrl-C stops it)", flush=True)
     os.execve(sys.executable, args, env)
 
 

@@ -30,7 +30,7 @@ from ran.inference.scoring import channel_mean_masks, scored_batches
 from ran.modelfile import MODEL_HINT, load, load_model, loader_spec
 from ran.outputs import staged_output
 from ran.prior.maps import prior_batch, prior_for
-from ran.tracking import log_outputs, tracked_stage
+from ran.tracking import describe, log_outputs, tracked_stage
 
 OUTPUTS = ("metrics.json", "per_class.json", "confusion.json", "confusion.png", "predictions.csv")
 
@@ -173,14 +173,17 @@ def tracked_evaluate(
     logged = {**params.model_dump(mode="json"), "model": str(model_path), "data": str(data)}
     logged["prior"] = str(prior) if prior else None
     with tracked_stage("evaluate", experiment, logged, out, tags={**(tags or {}), **link}) as run:
-        if train_run:
-            uri = mlflow.get_tracking_uri()
-            mlflow.set_tag(
-                "mlflow.note.content",
-                f"Evaluates the model of training run `{train_run}` "
-                f"(#/experiments/{run.info.experiment_id}/runs/{train_run}); store {uri}",
-            )
         metrics = evaluate(model_path, data, out, params, prior)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "flip"})
         log_outputs(out, (*OUTPUTS, "masks"))
+        trained = ""
+        if train_run:
+            page = f"#/experiments/{run.info.experiment_id}/runs/{train_run}"
+            trained = f" (the model of training run [`{train_run}`]({page}))"
+        flip = " with flip averaging" if params.flip else ""
+        describe(
+            f"Scores `{model_path}`{trained} on the {metrics['test_records']} test images of "
+            f"`{data}`{flip}: top-1 {metrics['top1_accuracy']:.2%}, top-5 "
+            f"{metrics['top5_accuracy']:.2%}. Store {mlflow.get_tracking_uri()}."
+        )
     return metrics

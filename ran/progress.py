@@ -1,34 +1,48 @@
 """The one progress bar of every long step (decoding, writing betons, training, the prior's
 maps, predicting files): rich's bar on stderr, since stdout carries a command's answer.
 
-Where stderr is not a terminal (DVC, CI logs) the bar is drawn 140 columns wide so that its
-fields can be read in the log.
+Where stderr is not a terminal (DVC, CI logs, a file) nothing is redrawn: each task prints
+one line when its step ends, its final state (done/total, fields, elapsed time), 140 columns
+wide so that the fields can be read in the log. MLflow's own per-file artifact bars are
+turned off there too (:func:`quiet_in_logs`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 Item = TypeVar("Item")
 LOG_WIDTH = 140  # columns of a bar written to a log rather than a terminal
 
 
-def progress_bar(fields: str = "", transient: bool = False) -> Any:
-    """A ``rich.progress.Progress``: description, bar, done/total, ``fields`` (a format
-    string over ``task.fields``, e.g. ``"loss {task.fields[loss]:.3f}"``), elapsed time and
-    ETA. ``transient``: the bar disappears when done."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+class Bar(Progress):
+    """rich's Progress; disabled outside a terminal, where it prints one line per task
+    when it stops."""
 
+    def stop(self) -> None:
+        super().stop()
+        if self.disable and self.tasks and not getattr(self, "_reported", False):
+            self._reported = True
+            self.console.print(self.make_tasks_table(self.tasks))
+
+
+def progress_bar(fields: str = "", transient: bool = False) -> Bar:
+    """A bar with description, bar, done/total, ``fields`` (a format string over
+    ``task.fields``, e.g. ``"loss {task.fields[loss]:.3f}"``), elapsed time and ETA.
+    ``transient``: the bar disappears when done."""
     columns = [
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -38,8 +52,16 @@ def progress_bar(fields: str = "", transient: bool = False) -> Any:
         TextColumn("ETA"),
         TimeRemainingColumn(),
     ]
-    console = Console(stderr=True, width=None if sys.stderr.isatty() else LOG_WIDTH)
-    return Progress(*columns, console=console, transient=transient)
+    terminal = sys.stderr.isatty()
+    console = Console(stderr=True, width=None if terminal else LOG_WIDTH)
+    return Bar(*columns, console=console, transient=transient, disable=not terminal)
+
+
+def quiet_in_logs() -> None:
+    """Outside a terminal, MLflow's per-file "Downloading artifacts" bars say nothing (a
+    user's own MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR wins)."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def tracked(description: str, total: int) -> Callable[[Iterable[Item]], Iterator[Item]]:

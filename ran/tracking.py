@@ -19,6 +19,7 @@ from typing import Any
 
 from ran.errors import RanError
 from ran.outputs import claim_output
+from ran.progress import quiet_in_logs
 
 DIGEST_CHARS = 36  # MLflow stores dataset digests in a 36-character column
 
@@ -37,7 +38,9 @@ def repo_root() -> Path:
 
 
 def tracking_uri() -> str:
-    """The store's URI; a local SQLite store is created first (:func:`_create_sqlite_store`)."""
+    """The store's URI; a local SQLite store is created first (:func:`_create_sqlite_store`).
+    Outside a terminal, MLflow's per-file artifact bars are turned off (:func:`quiet_in_logs`)."""
+    quiet_in_logs()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
     if uri.startswith("sqlite:///"):
         _create_sqlite_store(uri)
@@ -128,7 +131,7 @@ def tracked_stage(
             end_killed_run(claim.previous_run_id)
         _quiet_mlflow()
         mlflow.set_tracking_uri(tracking_uri())
-        mlflow.set_experiment(experiment)
+        _mark_model_training(mlflow.set_experiment(experiment))
         root = repo_root()
         run_tags = {
             "stage": stage,
@@ -144,6 +147,53 @@ def tracked_stage(
             if run_id is None:
                 mlflow.log_params(flatten(params))
             yield run
+
+
+NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
+EXPERIMENT_KIND = "mlflow.experimentKind"  # which view the MLflow UI opens an experiment in
+
+
+def _mark_model_training(experiment: Any) -> None:
+    """Tag a new experiment as model training, so that MLflow 3's UI opens it on its runs
+    rather than its GenAI view (an experiment someone tagged otherwise is left as it is)."""
+    from mlflow import MlflowClient
+
+    if EXPERIMENT_KIND not in experiment.tags:
+        MlflowClient(tracking_uri()).set_experiment_tag(
+            experiment.experiment_id, EXPERIMENT_KIND, "custom_model_development"
+        )
+
+
+def runs_page(base_url: str, experiment: str) -> str:
+    """The MLflow UI's page of ``experiment``'s runs, in its model-training view (MLflow 3
+    opens in its GenAI view, where a new user sees no runs), or ``base_url`` when the store
+    has no such experiment yet."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    _quiet_mlflow()
+    try:
+        found = MlflowClient(tracking_uri()).get_experiment_by_name(experiment)
+    except MlflowException:
+        found = None
+    if found is None:
+        return base_url
+    return f"{base_url}/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning"
+
+
+def describe(text: str) -> None:
+    """Set the active run's description (MLflow's run note): what the stage did, with what,
+    and its headline result; a study cell's run also names the study, the cell and the
+    profile (from its tags)."""
+    import mlflow
+
+    tags = mlflow.active_run().data.tags
+    if "study" in tags and "study.cell" in tags:
+        text += (
+            f"\n\nStudy `{tags['study']}`, cell `{tags['study.cell']}` "
+            f"({tags.get('study.profile', '?')} profile)."
+        )
+    mlflow.set_tag(NOTE, text)
 
 
 def _start_run(stage: str, run_id: str | None, tags: dict[str, str]) -> Any:

@@ -99,15 +99,18 @@ def test_ui_shows_the_training_run(mlflow_ui: str, training_run, tmp_path: Path)
             page = browser.new_page(viewport={"width": 1400, "height": 1900})
             page.set_default_timeout(TIMEOUT_MS)
             main = page.get_by_role("main")
-            page.goto(mlflow_ui)
-            # MLflow 3 opens in its GenAI mode; training runs are under "Model training".
-            page.get_by_role("button", name="Model training").click()
-            main.get_by_role("link", name=EXPERIMENT, exact=True).click()
+            # The link `ran-cli ui` prints opens the experiment's runs (MLflow 3 would open
+            # its GenAI view, where training runs hide behind a "Model training" switch).
+            (link,) = re.findall(r"MLflow UI: (\S+)", (tmp_path / "ui.log").read_text())
+            assert link.startswith(f"{mlflow_ui}/#/experiments/{run.info.experiment_id}/runs")
+            page.goto(link)
             main.get_by_role("link", name="train", exact=True).click()
 
-            # The run's overview: its metrics (last values) and its logged, registered model.
+            # The run's overview: its description, its metrics (last values) and its logged,
+            # registered model.
             expect(main.get_by_role("heading", name="train", exact=True)).to_be_visible()
             assert page.url.endswith(f"/runs/{run.info.run_id}")
+            expect(main.get_by_text("Trains attention56-cifar").first).to_be_visible()
             for name in ("loss", "train_accuracy"):
                 row = main.get_by_role("row").filter(
                     has=page.get_by_role("cell", name=name, exact=True)

@@ -53,6 +53,22 @@ def test_dvc_repro_runs_the_pipeline_once_and_reruns_on_param_change(project: tu
     counts = {stage: len(stage_runs) for stage, stage_runs in by_stage.items()}
     assert counts == {"ingest": 1, "noise": 1, "train": 2, "evaluate": 2}
     assert {r.data.params["lr"] for r in by_stage["train"]} == {"0.2", "0.05"}
+    notes = {
+        stage: [r.data.tags["mlflow.note.content"] for r in rs] for stage, rs in by_stage.items()
+    }
+    assert (
+        notes["ingest"][0].startswith("Ingests cifar10 from ") and "200 train" in notes["ingest"][0]
+    )
+    assert notes["noise"][0].startswith("Writes the train labels of `data/ingest`")
+    assert all(n.startswith("Trains attention56-cifar (") for n in notes["train"])
+    assert all(
+        n.startswith("Scores `data/train/model.pt` (the model of") for n in notes["evaluate"]
+    )
+    assert all(
+        "test images of `data/ingest` with flip averaging: top-1" in n for n in notes["evaluate"]
+    )
+    kind = client.get_experiment_by_name("residual-attention").tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"  # the MLflow UI opens on the runs
     head = run_ok(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
     assert {r.data.tags["git_commit"] for r in runs} == {head}
     assert {r.data.tags["git_dirty"] for r in by_stage["ingest"]} == {"false"}

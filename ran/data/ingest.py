@@ -34,7 +34,7 @@ from ran.data.validate import validate_manifest
 from ran.errors import RanError
 from ran.outputs import publish_dir, temporary_sibling
 from ran.progress import tracked
-from ran.tracking import log_file_dataset, log_outputs, tracked_stage
+from ran.tracking import describe, log_file_dataset, log_outputs, tracked_stage
 
 SPLITS = ("train", "val")
 OUTPUTS = ("train.beton", "val.beton", "meta.json", "manifest.parquet", "validation.json")
@@ -226,6 +226,12 @@ def tracked_ingest(
             }
         )
         log_outputs(out, ("meta.json", "validation.json"))
+        counts = {split: meta["splits"][split]["count"] for split in SPLITS}
+        describe(
+            f"Ingests {params.dataset} from {params.source or 'its official download'} into "
+            f"`{out}`: {counts['train']} train and {counts['val']} test images of "
+            f"{meta['num_classes']} classes, checked by Great Expectations."
+        )
         for split in SPLITS:
             beton = out / meta["splits"][split]["beton"]
             digest = meta["splits"][split]["sha256"]

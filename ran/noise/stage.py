@@ -21,7 +21,7 @@ from ran.figures import matrix_png
 from ran.noise.corrupt import corrupt
 from ran.noise.report import counts_matrix, noise_report, validate_noise
 from ran.outputs import staged_output
-from ran.tracking import log_file_dataset, log_outputs, tracked_stage
+from ran.tracking import describe, log_file_dataset, log_outputs, tracked_stage
 
 OUTPUTS = ("labels.npy", "report.json", "transition.png", "validation.json")
 
@@ -82,6 +82,11 @@ def tracked_noise(
             }
         )
         log_outputs(out, OUTPUTS[1:])
+        describe(
+            f"Writes the train labels of `{data}` into `{out}`: {params.kind} noise at a "
+            f"requested {params.rate:.0%}, {report['achieved_rate']:.1%} of "
+            f"{report['records']} labels changed (seed {params.seed})."
+        )
         labels = out / "labels.npy"
         log_file_dataset(labels, "noisy-labels", sha256_file(labels), context="labels")
     return report

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 from ran.outputs import staged_output
 from ran.studies.tables import Study
-from ran.tracking import log_outputs, tracked_stage, tracking_uri
+from ran.tracking import describe, log_outputs, tracked_stage, tracking_uri
 
 UI = "http://127.0.0.1:5000"  # where `ran-cli ui` serves a local store
 OUTPUTS = ("report.md", "report.png", "results.json")
@@ -207,4 +207,9 @@ def tracked_report(
             {k: float(summary[k]) for k in ("missing_cells", "ordering_holds", "complete_rows")}
         )
         log_outputs(out, OUTPUTS)
+        describe(
+            f"Collects the {study.name} study's cells ({profile} profile) into `{out}`: "
+            f"{summary['missing_cells']} cells missing, the paper's ordering holding in "
+            f"{summary['ordering_holds']} of {summary['complete_rows']} complete rows."
+        )
     return summary

@@ -18,7 +18,7 @@ from ran.inference.predictor import log_image_model
 from ran.modelfile import BEST, MODEL, load, model_record, save
 from ran.outputs import atomic_write
 from ran.progress import progress_bar
-from ran.tracking import log_file_dataset, log_outputs, tracked_stage
+from ran.tracking import describe, log_file_dataset, log_outputs, tracked_stage
 from ran.train import checkpoint, distributed
 from ran.train.loop import Trainer
 
@@ -244,9 +244,31 @@ def _main_process(
         )
         mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
         log_outputs(trainer.out, (CURVES, HOLDOUT, SUMMARY))
+        describe(_description(trainer, summary))
         if trainer.params.log_model:
             _log_model(trainer, trainer.params.register_model)
     return summary
+
+
+def _description(trainer: Trainer, summary: dict[str, Any]) -> str:
+    """The run's note: the network, the data, the recipe, the length, the outcome."""
+    p = trainer.params
+    options = ", ".join(f"{k} {v}" for k, v in sorted(trainer.arch["options"].items()))
+    inputs = f"`{trainer.data}`"
+    if trainer.labels_path is not None:
+        inputs += f" with the labels of `{trainer.labels_path}`"
+    if trainer.prior_path is not None:
+        inputs += f" and the prior maps of `{trainer.prior_path}`"
+    text = (
+        f"Trains {trainer.variant.name}{f' ({options})' if options else ''} on {inputs}: "
+        f"{summary['iterations']} iterations of batch {p.batch_size} ({summary['epochs']:.1f} "
+        f"epochs), {p.optimizer} with a {p.schedule} schedule to lr {p.lr}, seed {p.seed}. "
+        f"Final training loss {summary['final_loss']:.3f}, accuracy on the augmented "
+        f"batches {summary['final_train_accuracy']:.1%}"
+    )
+    if "best_holdout_accuracy" in summary:
+        text += f"; best hold-out accuracy {summary['best_holdout_accuracy']:.1%}"
+    return text + ". Its test score is in the evaluate run that names it."
 
 
 def _summary(trainer: Trainer, run_id: str) -> dict[str, Any]:
