@@ -54,7 +54,15 @@ def progress_bar(fields: str = "", transient: bool = False) -> Bar:
     ]
     terminal = sys.stderr.isatty()
     console = Console(stderr=True, width=None if terminal else LOG_WIDTH)
-    return Bar(*columns, console=console, transient=transient, disable=not terminal)
+    # Not refreshed by a thread in a log: rich's tracking thread stops at once when nothing is
+    # drawn, and its count with it; without it, ``track`` counts each item itself.
+    return Bar(
+        *columns,
+        console=console,
+        transient=transient,
+        disable=not terminal,
+        auto_refresh=terminal,
+    )
 
 
 def quiet_in_logs() -> None:

@@ -1,5 +1,5 @@
-"""Progress bars outside a terminal: one line per step when it ends, not a redraw per update;
-MLflow's per-file artifact bars off."""
+"""Progress bars outside a terminal: one line per step when it ends with its final count
+(not a redraw per update); MLflow's per-file artifact bars off."""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ import subprocess
 import sys
 
 STEPS = """
-import os
+import os, time
+from ran.data.parallel import ordered_map
 from ran.progress import progress_bar, tracked
 from ran.tracking import tracking_uri
 with progress_bar("loss {task.fields[loss]:.2f}") as bar:
     task = bar.add_task("train", total=500, loss=9.0)
     for step in range(500):
         bar.update(task, advance=1, loss=1 / (step + 1))
-for _ in tracked("decoding val", 300)(range(300)):
-    pass
+for _ in tracked("decoding val", 300)(ordered_map(abs, range(300), 2)):  # forks 2 workers
+    time.sleep(0.002)  # longer than rich's refresh period in all
 tracking_uri()
 print(os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"))
 """
