@@ -6,7 +6,8 @@ as the project's image model, and served from the same MLflow model folder by
 
 - ``mlflow models serve --env-manager local`` (one request at a time through the model),
 - ``ran-cli serve --max-batch-size 1`` (LitServe without batching),
-- ``ran-cli serve`` (LitServe batching concurrent requests, the default 64 / 5 ms).
+- ``ran-cli serve`` (LitServe batching the requests waiting together, the defaults: up to
+  64, a 5 ms window only while requests keep arriving).
 
 Every request posts one real CIFAR-10 test JPEG as ``{"inputs": ["<base64>"]}``. One
 asyncio client (aiohttp, in this process) keeps ``C`` requests in flight for ``--seconds``

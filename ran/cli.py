@@ -351,7 +351,7 @@ def _print_predictions(rows: list[dict[str, Any]]) -> None:
 
 SERVE_HELP = """Serve a model over HTTP on MLflow's scoring protocol, batching concurrent requests.
 
-POST /invocations with {"inputs": ["<base64 image>", ...]} answers {"predictions": [{"labels": [...], "probs": [...]}, ...]}, as `ran-cli predict --json` does for the same files; a body that is not that gets HTTP 400 with {"error": ...}. GET /health answers once the model is loaded. The model is loaded with MLflow's pickle deserialisation refused. Requests arriving within --batch-timeout seconds of each other are scored as one batch (up to --max-batch-size requests): LitServe, one inference worker.
+POST /invocations with {"inputs": ["<base64 image>", ...]} answers {"predictions": [{"labels": [...], "probs": [...]}, ...]}, as `ran-cli predict --json` does for the same files; a body that is not that gets HTTP 400 with {"error": ...}. GET /health answers once the model is loaded. The model is loaded with MLflow's pickle deserialisation refused. Requests waiting together are scored as one batch (up to --max-batch-size requests): a request that finds the server idle is scored at once, with whatever is queued behind it; while requests keep arriving (the last batch held several), a batch waits up to --batch-timeout seconds for more. LitServe, one inference worker.
 
 Example: curl -s localhost:8080/invocations -H 'Content-Type: application/json' -d "{\"inputs\": [\"$(base64 -w0 cat.jpg)\"]}"
 """  # noqa: E501 - one line per paragraph: the help formatter wraps them
@@ -367,7 +367,10 @@ def serve(
     ] = "127.0.0.1",
     max_batch_size: Annotated[int, typer.Option(min=1, help="requests per batch, at most")] = 64,
     batch_timeout: Annotated[
-        float, typer.Option(min=0, help="seconds a batch waits for more requests")
+        float,
+        typer.Option(
+            min=0, help="seconds a batch waits for more requests, only while they keep arriving"
+        ),
     ] = 0.005,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:

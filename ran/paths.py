@@ -40,5 +40,6 @@ def cell_folder(study: str, cell: str) -> Path:
 
 
 def report_folder(study: str) -> Path:
-    """A study's report: report.md, report.png, results.json."""
+    """A study's report: report.md, report.png, results.json, and the dvc.yaml declaring
+    the last two as DVC metrics and plots."""
     return REPORTS / study

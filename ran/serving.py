@@ -4,9 +4,10 @@ It speaks MLflow's scoring protocol, so a client written for ``mlflow models ser
 unchanged: ``POST /invocations`` with ``{"inputs": ["<base64 image>", ...]}`` answers
 ``{"predictions": [{"labels": [...], "probs": [...]}, ...]}``. Unlike MLflow's scoring
 server, which runs one request at a time through the model, LitServe's inference worker
-gathers the requests that arrive within ``batch_timeout`` (up to ``max_batch_size``) and
-runs them as one batch. The model is MLflow's (a registry URI, a run's model, a model
-folder) or a ``model.pt``, loaded with pickle refused.
+scores the requests that are waiting together, as one batch (up to ``max_batch_size``); it
+waits up to ``batch_timeout`` for more only while requests keep arriving, so a lone client is
+answered as fast as without batching (:class:`ArrivalBatchLoop`). The model is MLflow's (a
+registry URI, a run's model, a model folder) or a ``model.pt``, loaded with pickle refused.
 
 A request that is not ``{"inputs": [str, ...]}``, or whose strings are not base64 images,
 gets HTTP 400 with ``{"error": "..."}`` naming the problem; the other requests of its batch
@@ -20,10 +21,14 @@ import base64
 import binascii
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import litserve as ls
+from litserve.loops import BatchedLoop
+from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError, collate_requests
+from litserve.utils import LitAPIStatus, LoopResponseType
 from pydantic import BaseModel, ConfigDict
 
 from ran import lifetime
@@ -38,12 +43,64 @@ class ScoringRequest(BaseModel):
     inputs: list[str]
 
 
+class ArrivalBatchLoop(BatchedLoop):
+    """LitServe's batched loop (decode, batch, predict, unbatch, encode each), with a batch
+    that waits for more requests only while they are arriving.
+
+    LitServe's own collection (``collate_requests``) holds the first request for the whole
+    ``batch_timeout`` in case others come: with one client, every request pays the window.
+    Here a batch after a batch of one (the server was idle, or served one client) takes the
+    next request and whatever is already queued behind it, and runs at once; after a batch of
+    several, requests are arriving, and the next batch is collected by ``collate_requests``,
+    waiting up to ``batch_timeout`` for more, as LitServe batches. The loop runs in the
+    inference worker; ``arriving`` is that worker's state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arriving = False  # the last batch held several requests
+
+    def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Any, transport: Any) -> Any:
+        if self.arriving:
+            payloads, timed_out = collate_requests(self, lit_api, request_queue, transport)
+        else:
+            payloads, timed_out = [], []
+            item = self.get_request(request_queue, timeout=1.0)  # idle: block, do not poll
+            while item is not None:
+                self._admit(item, lit_api, transport, payloads, timed_out)
+                if len(payloads) + len(timed_out) >= lit_api.max_batch_size:
+                    break
+                item = self.get_request(request_queue, block=False)  # only what is queued
+        self.arriving = len(payloads) + len(timed_out) > 1
+        return payloads, timed_out
+
+    def _admit(
+        self, item: Any, lit_api: ls.LitAPI, transport: Any, payloads: list, timed_out: list
+    ) -> None:
+        """One request off the queue, taken as ``collate_requests`` takes it."""
+        if item == _SENTINEL_VALUE:
+            raise _StopLoopError()
+        response_queue_id, uid, timestamp, x_enc = item
+        self.put_response(
+            transport, response_queue_id, uid, (), LitAPIStatus.START, LoopResponseType.REGULAR
+        )
+        expired = lit_api.request_timeout not in (-1, False, None) and (
+            time.monotonic() - timestamp > lit_api.request_timeout
+        )
+        if expired:
+            timed_out.append((response_queue_id, uid))
+        else:
+            payloads.append((response_queue_id, uid, x_enc))
+
+
 class ImageAPI(ls.LitAPI):
     """Decode and cut each request's images, score a batch of requests, answer each."""
 
     def __init__(self, model: str, max_batch_size: int, batch_timeout: float):
         super().__init__(
-            max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/invocations"
+            max_batch_size=max_batch_size,
+            batch_timeout=batch_timeout,
+            api_path="/invocations",
+            loop=ArrivalBatchLoop() if max_batch_size > 1 else "auto",  # 1: LitServe's single
         )
         self.model_source = model
 

@@ -180,6 +180,12 @@ def test_dvc_files_write_the_paths_of_ran_paths() -> None:
     for study in ("noise", "arl-nal", "attention", "mask"):
         (cell_out,) = studies[f"{study}-cell"]["outs"]
         assert next(iter(cell_out)) == str(paths.cell_folder(study, "${item.cell}"))
-        assert studies[study]["outs"] == [f"{paths.report_folder(study)}/report.md"]
+        report = paths.report_folder(study)  # results and plot: plain outputs (report.py)
+        assert studies[study]["outs"] == [
+            f"{report}/report.md",
+            {f"{report}/results.json": {"cache": False}},
+            {f"{report}/report.png": {"cache": False}},
+        ]
+        assert "metrics" not in studies[study] and "plots" not in studies[study]
     (vitmask_out,) = studies["vitmask-cell"]["do"]["outs"]
     assert next(iter(vitmask_out)) == str(paths.cell_folder("vitmask", "${key}"))

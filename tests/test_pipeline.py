@@ -107,6 +107,35 @@ def test_readme_commands_work_as_typed(project: tuple) -> None:
     result = subprocess.run(["bash", "-c", script], env=user_env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "Running stage 'evaluate'" in result.stdout and "top1_accuracy" in result.stdout
+    assert "DVC failed to load" not in result.stderr, result.stderr[-3000:]
+
+
+def test_metrics_and_plots_show_only_what_has_run(project: tuple) -> None:
+    """The README's ``dvc metrics show`` and ``dvc plots show`` after the main pipeline alone:
+    its metrics and plots, no failure line for the studies that have not run; a study's
+    results and plot show up once it has a report (its ``dvc.yaml`` declares them)."""
+    repo, env = project
+    dvc = str(BIN / "dvc")
+    run_ok([dvc, "repro"], repo, env)
+
+    def show() -> tuple[str, str]:
+        metrics = run_ok([dvc, "metrics", "show"], repo, env)
+        plots = run_ok([dvc, "plots", "show"], repo, env)
+        for result in (metrics, plots):  # "DVC failed to load some metrics/plots for ..."
+            assert "failed" not in result.stdout + result.stderr, result.stderr
+        return metrics.stdout, (repo / "dvc_plots" / "index.html").read_text()
+
+    table, page = show()
+    assert "data/evaluate/metrics.json" in table and "top1_accuracy" in table
+    assert "reports/" not in table
+    assert "curves.csv" in page and "predictions.csv" in page and "confusion.png" in page
+    assert "reports/" not in page
+
+    run_ok([str(BIN / "python"), "-m", "ran.cli", "report", "mask"], repo, env)  # no cells run
+    table, page = show()
+    assert "top1_accuracy" in table and "reports/mask/results.json" in table
+    assert "missing_cells" in table and "reports/noise" not in table
+    assert "reports/mask/report.png" in page and "confusion.png" in page
 
 
 def test_dvc_repro_without_network_names_the_fix(project: tuple) -> None:

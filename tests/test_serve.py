@@ -1,6 +1,7 @@
 """``ran-cli serve`` as a client sees it: a real server process, real CIFAR-10 JPEGs over
-HTTP, answers equal to ``ran-cli predict --json``, 400 for bad bodies, 64 concurrent
-requests, and MLflow's own scoring server answering the same request the same way."""
+HTTP, answers equal to ``ran-cli predict --json``, 400 for bad bodies, a lone request not
+held for the batch window, 64 concurrent requests, and MLflow's own scoring server answering
+the same request the same way; and how its inference loop collects a batch."""
 
 from __future__ import annotations
 
@@ -10,17 +11,20 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from queue import Queue
 
 import numpy as np
 import pytest
 from conftest import BIN, free_port, serving
 
-pytestmark = pytest.mark.slow
 NAME = "cifar10-attention56"
+WINDOW = 1.0  # --batch-timeout of the server under test: far longer than scoring a request
 
 
 def _post(url: str, body: bytes) -> tuple[int, dict]:
@@ -60,6 +64,7 @@ def registered(trained_model: Path) -> str:
     return f"models:/{NAME}/1"
 
 
+@pytest.mark.slow
 def test_serve_answers_like_predict_and_survives_bad_bodies(
     registered: str, trained_model: Path, cifar10_small: Path, tmp_path: Path
 ) -> None:
@@ -72,11 +77,20 @@ def test_serve_answers_like_predict_and_survives_bad_bodies(
     expected = {row["file"]: row for row in json.loads(predicted.stdout)}
     port = free_port()
     args = [str(BIN / "ran-cli"), "serve", "--model", registered, "--port", str(port)]
+    args += ["--batch-timeout", str(WINDOW)]
     url = f"http://127.0.0.1:{port}"
     with serving(args, url, tmp_path / "serve.log", stops_cleanly=True):
         status, answer = _post(url, _inputs(files))
         assert status == 200
         _same(answer["predictions"], [expected[str(f)] for f in files])
+        took = []  # a lone client's requests, one after another: none waits for the window
+        for file in files[:3]:
+            began = time.monotonic()
+            status, answer = _post(url, _inputs([file]))
+            took.append(time.monotonic() - began)
+            assert status == 200
+            _same(answer["predictions"], [expected[str(file)]])
+        assert min(took) < WINDOW / 2, took  # held for the window, each would take over 1 s
         hello = base64.b64encode(b"hello").decode()
         for body, says in (
             (b"not json", "the body must be JSON"),
@@ -98,6 +112,7 @@ def test_serve_answers_like_predict_and_survives_bad_bodies(
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+@pytest.mark.slow
 def test_mlflow_scoring_server_takes_the_same_request(
     registered: str, cifar10_small: Path, tmp_path: Path
 ) -> None:
@@ -116,3 +131,41 @@ def test_mlflow_scoring_server_takes_the_same_request(
     assert status == 200
     expected = load_predictor(registered).predict_bytes([f.read_bytes() for f in files])
     _same(answer["predictions"], expected)
+
+
+def test_a_batch_waits_for_more_requests_only_while_they_arrive() -> None:
+    """The server's inference loop, on a queue as LitServe's API server fills it: a lone
+    request is taken at once, not after the batch window; requests waiting together come
+    as one batch (up to the largest); after a batch of several, the next waits for the
+    window (LitServe's own collection), gathering a request that arrives during it."""
+    from ran.serving import ArrivalBatchLoop, ImageAPI
+
+    api = ImageAPI("never loaded", max_batch_size=4, batch_timeout=WINDOW)
+    api.request_timeout = 60  # as LitServer(timeout=60) sets it
+    loop = api.loop
+    assert isinstance(loop, ArrivalBatchLoop)
+    queue: Queue = Queue()
+
+    def batch(*uids: str) -> tuple[list[str], float]:
+        for uid in uids:
+            queue.put((0, uid, time.monotonic(), {"inputs": [uid]}))
+        began = time.monotonic()
+        payloads, timed_out = loop.get_batch_requests(api, queue, transport=None)
+        assert timed_out == []
+        return [uid for _, uid, _ in payloads], time.monotonic() - began
+
+    taken, waited = batch("a")  # the server idle: scored at once
+    assert taken == ["a"] and waited < WINDOW / 2
+    taken, waited = batch("b", "c", "d", "e", "f")  # waiting together: one batch, at most 4
+    assert taken == ["b", "c", "d", "e"] and waited < WINDOW / 2
+    late = threading.Timer(WINDOW / 4, queue.put, [(0, "g", time.monotonic(), {})])
+    late.start()  # requests are arriving: the window is waited, and "g" joins "f"
+    taken, waited = batch()
+    late.join()
+    assert taken == ["f", "g"] and waited >= WINDOW * 0.9
+    taken, waited = batch()  # nothing more came: an empty window, then idle again
+    assert taken == [] and waited >= WINDOW * 0.9
+    taken, waited = batch("h")
+    assert taken == ["h"] and waited < WINDOW / 2
+    unbatched = ImageAPI("never loaded", max_batch_size=1, batch_timeout=WINDOW)
+    assert not isinstance(unbatched.loop, ArrivalBatchLoop)  # LitServe's single loop

@@ -166,6 +166,8 @@ def test_report_shows_missing_cells_as_missing(tmp_path: Path) -> None:
         and "`attention56-local` (Attention-56, local convolutions): missing" in table
     )
     assert (tmp_path / "out/report.png").stat().st_size > 0
+    declared = yaml.safe_load((tmp_path / "out/dvc.yaml").read_text())  # DVC's, once written
+    assert declared == {"metrics": ["results.json"], "plots": ["report.png"]}
 
     _finished_evaluate("e", {**base, "study.cell": "attention56-local"}, 35.0)
     summary = write_report(study, "e", "quick", tmp_path / "out")

@@ -19,6 +19,18 @@ from ran.tracking import describe, log_outputs, tracked_stage, tracking_uri
 
 UI = "http://127.0.0.1:5000"  # where `ran-cli ui` serves a local store
 OUTPUTS = ("report.md", "report.png", "results.json")
+# Beside them, the report's own dvc.yaml: DVC's metrics and plots of a study that has a report.
+# studies/dvc.yaml cannot declare them (DVC fails `dvc metrics show` and `dvc plots show` on a
+# declared file that does not exist: every study not yet run); a dvc.yaml that exists only
+# with its report adds them to both commands once the study has run (DVCLive's way).
+DVC_YAML = """\
+# Written with this report by ran/studies/report.py: `dvc metrics show` and `dvc plots show`
+# list the study's results once it has run (studies/dvc.yaml says why they are declared here).
+metrics:
+  - results.json
+plots:
+  - report.png
+"""
 
 
 @dataclass(frozen=True)
@@ -177,14 +189,16 @@ def results_json(study: Study, results: dict[str, CellResult]) -> dict[str, Any]
 
 
 def write_report(study: Study, experiment: str, profile: str, out: Path) -> dict[str, Any]:
-    """Collect the study's runs and write ``out/{report.md, report.png, results.json}``
-    (all or nothing); returns ``results.json``."""
+    """Collect the study's runs and write ``out/{report.md, report.png, results.json}``, and
+    ``out/dvc.yaml`` declaring the last two as DVC's metrics and plots (all or nothing);
+    returns ``results.json``."""
     results = collect(study, experiment, profile)
     summary = results_json(study, results)
     with staged_output(out) as tmp:
         (tmp / "report.md").write_text(markdown(study, results, profile))
         plot(study, results, profile, tmp / "report.png")
         (tmp / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / "dvc.yaml").write_text(DVC_YAML)
     return summary
 
 
