@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ran.progress import quiet_in_logs
+
 BIN = Path(sys.executable).parent
 CONCURRENCY = (1, 4, 16, 64)
 CIFAR10_STATS = ([125.3, 123.0, 113.9], [63.0, 62.1, 66.7])  # 0–255 scale
@@ -179,6 +181,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a trained model.pt (default: random)")
     parser.add_argument("--seconds", type=float, default=10.0, help="per concurrency level")
     args = parser.parse_args()
+    quiet_in_logs()  # MLflow's per-file download bars, in a log: one line each, 67 in a row
     classes = [
         "airplane",
         "automobile",

@@ -43,6 +43,12 @@ class ScoringRequest(BaseModel):
     inputs: list[str]
 
 
+# A request that waited in the queue less than this was taken as it arrived (the worker was
+# idle): no other can be queued behind it, so the worker does not ask the queue (a round trip
+# to LitServe's manager process, about what a c=1 client otherwise loses per request).
+QUEUED_S = 0.002
+
+
 class ArrivalBatchLoop(BatchedLoop):
     """LitServe's batched loop (decode, batch, predict, unbatch, encode each), with a batch
     that waits for more requests only while they are arriving.
@@ -66,30 +72,35 @@ class ArrivalBatchLoop(BatchedLoop):
             payloads, timed_out = [], []
             item = self.get_request(request_queue, timeout=1.0)  # idle: block, do not poll
             while item is not None:
-                self._admit(item, lit_api, transport, payloads, timed_out)
+                waited = self._admit(item, lit_api, transport, payloads, timed_out)
                 if len(payloads) + len(timed_out) >= lit_api.max_batch_size:
                     break
+                if len(payloads) + len(timed_out) == 1 and waited < QUEUED_S:
+                    break  # taken as it arrived: nothing can be queued behind it
                 item = self.get_request(request_queue, block=False)  # only what is queued
         self.arriving = len(payloads) + len(timed_out) > 1
         return payloads, timed_out
 
     def _admit(
         self, item: Any, lit_api: ls.LitAPI, transport: Any, payloads: list, timed_out: list
-    ) -> None:
-        """One request off the queue, taken as ``collate_requests`` takes it."""
+    ) -> float:
+        """One request off the queue, taken as ``collate_requests`` takes it; returns how long
+        it waited in the queue (seconds)."""
         if item == _SENTINEL_VALUE:
             raise _StopLoopError()
         response_queue_id, uid, timestamp, x_enc = item
         self.put_response(
             transport, response_queue_id, uid, (), LitAPIStatus.START, LoopResponseType.REGULAR
         )
+        waited = time.monotonic() - timestamp  # the API server's clock: one per machine
         expired = lit_api.request_timeout not in (-1, False, None) and (
-            time.monotonic() - timestamp > lit_api.request_timeout
+            waited > lit_api.request_timeout
         )
         if expired:
             timed_out.append((response_queue_id, uid))
         else:
             payloads.append((response_queue_id, uid, x_enc))
+        return waited
 
 
 class ImageAPI(ls.LitAPI):

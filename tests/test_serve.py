@@ -138,7 +138,7 @@ def test_a_batch_waits_for_more_requests_only_while_they_arrive() -> None:
     request is taken at once, not after the batch window; requests waiting together come
     as one batch (up to the largest); after a batch of several, the next waits for the
     window (LitServe's own collection), gathering a request that arrives during it."""
-    from ran.serving import ArrivalBatchLoop, ImageAPI
+    from ran.serving import QUEUED_S, ArrivalBatchLoop, ImageAPI
 
     api = ImageAPI("never loaded", max_batch_size=4, batch_timeout=WINDOW)
     api.request_timeout = 60  # as LitServer(timeout=60) sets it
@@ -146,9 +146,9 @@ def test_a_batch_waits_for_more_requests_only_while_they_arrive() -> None:
     assert isinstance(loop, ArrivalBatchLoop)
     queue: Queue = Queue()
 
-    def batch(*uids: str) -> tuple[list[str], float]:
-        for uid in uids:
-            queue.put((0, uid, time.monotonic(), {"inputs": [uid]}))
+    def batch(*uids: str, queued_for: float = 0.0) -> tuple[list[str], float]:
+        for uid in uids:  # put ``queued_for`` seconds ago, as the API server stamps them
+            queue.put((0, uid, time.monotonic() - queued_for, {"inputs": [uid]}))
         began = time.monotonic()
         payloads, timed_out = loop.get_batch_requests(api, queue, transport=None)
         assert timed_out == []
@@ -156,7 +156,8 @@ def test_a_batch_waits_for_more_requests_only_while_they_arrive() -> None:
 
     taken, waited = batch("a")  # the server idle: scored at once
     assert taken == ["a"] and waited < WINDOW / 2
-    taken, waited = batch("b", "c", "d", "e", "f")  # waiting together: one batch, at most 4
+    # Waiting together (they queued while the worker was busy): one batch, at most 4.
+    taken, waited = batch("b", "c", "d", "e", "f", queued_for=10 * QUEUED_S)
     assert taken == ["b", "c", "d", "e"] and waited < WINDOW / 2
     late = threading.Timer(WINDOW / 4, queue.put, [(0, "g", time.monotonic(), {})])
     late.start()  # requests are arriving: the window is waited, and "g" joins "f"
@@ -167,5 +168,11 @@ def test_a_batch_waits_for_more_requests_only_while_they_arrive() -> None:
     assert taken == [] and waited >= WINDOW * 0.9
     taken, waited = batch("h")
     assert taken == ["h"] and waited < WINDOW / 2
+    # Taken the moment it arrived, a request has nothing queued behind it worth a round trip
+    # to the queue: it is scored alone, and what came meanwhile makes the next batch.
+    taken, _ = batch("i", "j")
+    assert taken == ["i"]
+    taken, _ = batch()
+    assert taken == ["j"]
     unbatched = ImageAPI("never loaded", max_batch_size=1, batch_timeout=WINDOW)
     assert not isinstance(unbatched.loop, ArrivalBatchLoop)  # LitServe's single loop
