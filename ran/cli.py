@@ -30,11 +30,9 @@ from ran.config import (
     resolve_profile,
     with_source_override,
 )
-from ran.data.ingest import tracked_ingest
 from ran.devices import pick_device
 from ran.errors import user_errors
 from ran.model_table import model_table
-from ran.noise.stage import tracked_noise
 from ran.studies import get_study
 from ran.studies.report import tracked_report
 from ran.tracking import repo_root, runs_page, tracking_uri
@@ -97,6 +95,8 @@ def ingest(
     Images are validated with Great Expectations and the run is logged to MLflow
     (MLFLOW_TRACKING_URI, default sqlite:///mlflow.db at the repository root).
     """
+    from ran.data.ingest import tracked_ingest
+
     values = {
         "dataset": dataset,
         "source": source,
@@ -168,6 +168,8 @@ def noise(
     OUT/report.json (requested and achieved rate, transition matrix, per-class flips) and
     OUT/transition.png; validated with Great Expectations and logged to MLflow. The images
     are not copied."""
+    from ran.noise.stage import tracked_noise
+
     params = parse(NoiseParams, values, "noise")
     report = tracked_noise(params, data, out, experiment)
     keys = ("kind", "requested_rate", "achieved_rate", "flipped_records", "records")
