@@ -30,11 +30,12 @@ LOG_WIDTH = 140  # columns of a bar written to a log rather than a terminal
 
 class Bar(Progress):
     """rich's Progress; disabled outside a terminal, where it prints one line per task
-    when it stops."""
+    when it stops (a transient bar, which a terminal would erase, prints nothing)."""
 
     def stop(self) -> None:
         super().stop()
-        if self.disable and self.tasks and not getattr(self, "_reported", False):
+        shown = self.disable and self.tasks and not self.live.transient
+        if shown and not getattr(self, "_reported", False):
             self._reported = True
             self.console.print(self.make_tasks_table(self.tasks))
 
