@@ -27,7 +27,7 @@ from ran.devices import pick_device
 from ran.errors import RanError
 from ran.figures import matrix_png
 from ran.inference.scoring import channel_mean_masks, scored_batches
-from ran.modelfile import MODEL_HINT, load, load_model, loader_spec
+from ran.modelfile import load_model, loader_spec
 from ran.outputs import staged_output
 from ran.prior.maps import prior_batch, prior_for
 from ran.tracking import describe, log_outputs, tracked_stage
@@ -78,11 +78,18 @@ def _first_images(data: Path, spec: LoaderSpec, count: int) -> torch.Tensor:
 
 
 def evaluate(
-    model_path: Path, data: Path, out: Path, params: EvaluateParams, prior: Path | None = None
+    model: torch.nn.Module,
+    record: dict[str, Any],
+    model_path: Path,
+    data: Path,
+    out: Path,
+    params: EvaluateParams,
+    prior: Path | None = None,
 ) -> dict[str, Any]:
-    """Score ``model_path`` on ``data/val.beton`` into ``out``; returns ``metrics.json``.
-    A network trained with a ViT prior needs ``prior`` (the prior stage's folder)."""
-    model, record = load_model(model_path)
+    """Score the network of ``model_path`` (``model`` and ``record``, as
+    :func:`ran.modelfile.load_model` read them) on ``data/val.beton`` into ``out``; returns
+    ``metrics.json``. A network trained with a ViT prior needs ``prior`` (the prior stage's
+    folder)."""
     meta = read_meta(data)
     if meta["num_classes"] != record["arch"]["num_classes"] or meta["classes"] != record["classes"]:
         raise RanError(
@@ -167,13 +174,13 @@ def tracked_evaluate(
     """:func:`evaluate` inside an MLflow run linked to the run that trained the model."""
     import mlflow
 
-    record = load(model_path, "model file", MODEL_HINT)
+    model, record = load_model(model_path)  # read once: its run id tags the run
     train_run = record.get("run_id")
     link = {"train_run_id": train_run} if train_run else {}
     logged = {**params.model_dump(mode="json"), "model": str(model_path), "data": str(data)}
     logged["prior"] = str(prior) if prior else None
     with tracked_stage("evaluate", experiment, logged, out, tags={**(tags or {}), **link}) as run:
-        metrics = evaluate(model_path, data, out, params, prior)
+        metrics = evaluate(model, record, model_path, data, out, params, prior)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "flip"})
         log_outputs(out, (*OUTPUTS, "masks"))
         trained = ""

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 FORMAT = 1
 MODEL = "model.pt"
 BEST = "model-best.pt"
-MODEL_HINT = "pass the model.pt written by `ran-cli train`"
+_MODEL_HINT = "pass the model.pt written by `ran-cli train`"
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:
@@ -90,7 +90,7 @@ def model_record(
 
 def read_record(path: Path) -> dict[str, Any]:
     """``model.pt``'s record, weights included (one-line error for anything else)."""
-    record = load(path, "model file", MODEL_HINT)
+    record = load(path, "model file", _MODEL_HINT)
     if "arch" not in record or "state_dict" not in record:
         raise RanError(f"model file {path} is a training checkpoint, not a model; pass model.pt")
     return record
