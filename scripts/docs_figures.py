@@ -30,9 +30,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from ran.outputs import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path("docs/figures")
@@ -77,24 +78,8 @@ def missing_note(name: str) -> str:
     )
 
 
-def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` into a hidden sibling of ``target``, then rename it over ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(
-        prefix=f".{target.stem}.tmp-", suffix=target.suffix, dir=target.parent
-    )
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def copy_figure(source: Path, target: Path) -> None:
-    write_atomically(target, lambda tmp: shutil.copyfile(source, tmp))
+    atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def _read_csv(path: Path) -> dict[str, list[float]]:
@@ -143,7 +128,7 @@ def draw_curves(curves: Path, holdout: Path | None, target: Path) -> None:
         fig.savefig(tmp, dpi=100, format="png")
 
     try:
-        write_atomically(target, save)
+        atomic_write(target, save)
     finally:
         plt.close(fig)
 
@@ -185,6 +170,7 @@ def generate(root: Path, out: Path) -> tuple[list[str], list[str]]:
             missing(figure)
             continue
         try:
+            out.mkdir(parents=True, exist_ok=True)  # once there is something to draw
             if figure.name == "training-curves.png":
                 holdout = source.with_name("holdout.csv")
                 draw_curves(source, holdout if holdout.is_file() else None, out / figure.name)
