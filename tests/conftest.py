@@ -230,10 +230,8 @@ def run_ok(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess
     return result
 
 
-@pytest.fixture
-def project(tmp_path: Path, cifar10_small: Path, monkeypatch: pytest.MonkeyPatch) -> tuple:
-    """A fresh git + DVC checkout of this project, its ingest source set to real images."""
-    repo = tmp_path / "repo"
+def copy_checkout(repo: Path) -> Path:
+    """The files git tracks in this checkout, copied to ``repo`` (no data, no venv, no git)."""
     tracked = subprocess.run(
         ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split("\0")
@@ -241,6 +239,13 @@ def project(tmp_path: Path, cifar10_small: Path, monkeypatch: pytest.MonkeyPatch
         if (REPO / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, repo / name)
+    return repo
+
+
+@pytest.fixture
+def project(tmp_path: Path, cifar10_small: Path, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """A fresh git + DVC checkout of this project, its ingest source set to real images."""
+    repo = copy_checkout(tmp_path / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["ingest"]["source"] = str(cifar10_small)
     params["quick"]["train"].update(TINY_QUICK)

@@ -5,14 +5,13 @@ lazy, DVC stage deps that cover the code each stage runs, and the data paths in 
 from __future__ import annotations
 
 import ast
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, REPO
+from conftest import BIN, REPO, copy_checkout
 from stage_code import files_run, missing_deps
 
 from ran import paths
@@ -23,17 +22,6 @@ HEAVY = {"torch", "torchvision", "mlflow", "ffcv", "great_expectations", "timm",
 HEAVY |= {"litserve", "numpy", "pandas"}
 
 
-def _copy_project(tmp: Path) -> Path:
-    """The code, config and DVC files of the repository in ``tmp`` (no data, no venv)."""
-    root = tmp / "project"
-    ignore = shutil.ignore_patterns("__pycache__")
-    for folder in ("ran", "pipeline", "tests", "studies"):
-        shutil.copytree(REPO / folder, root / folder, ignore=ignore)
-    for file in ("pyproject.toml", "dvc.yaml", "params.yaml"):
-        shutil.copy(REPO / file, root / file)
-    return root
-
-
 def _plant(module: Path, line: str) -> None:
     module.write_text(module.read_text() + f"\n{line}  # noqa: E402, F401\n")
 
@@ -41,7 +29,7 @@ def _plant(module: Path, line: str) -> None:
 def test_a_planted_upward_import_breaks_the_layers_contract(tmp_path: Path) -> None:
     """``lint-imports`` (run by ``make lint``) passes on the code and fails, naming the
     import, when a lower layer imports a higher one, even inside a function."""
-    root = _copy_project(tmp_path)
+    root = copy_checkout(tmp_path / "project")
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "PYTHONPATH": str(root)}
     kept = subprocess.run([BIN / "lint-imports"], cwd=root, env=env, capture_output=True, text=True)
     assert kept.returncode == 0, kept.stdout[-2000:]
@@ -118,7 +106,7 @@ def test_every_stage_declares_the_code_it_runs() -> None:
 def test_a_planted_import_outside_a_stage_deps_is_found(tmp_path: Path) -> None:
     """A module the ingest stage runs that starts importing one its deps do not name makes
     the check fail, naming the stage and the file."""
-    root = _copy_project(tmp_path)
+    root = copy_checkout(tmp_path / "project")
     _plant(root / "ran" / "data" / "beton.py", "import ran.studies.tables")
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "PYTHONPATH": str(root)}
     check = [sys.executable, str(root / "tests" / "stage_code.py"), "--check"]
@@ -135,7 +123,7 @@ def test_a_change_in_any_module_evaluate_runs_makes_dvc_see_it(
     its script runs makes ``dvc status`` report the stage changed, and undoing it does not."""
     from dvc.repo import Repo
 
-    root = _copy_project(tmp_path)
+    root = copy_checkout(tmp_path / "project")
     for path in ("data/ingest/meta.json", "data/train/model.pt", "data/evaluate/masks/a.png"):
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text(path)
@@ -143,8 +131,7 @@ def test_a_change_in_any_module_evaluate_runs_makes_dvc_see_it(
         (root / "data" / "evaluate" / name).write_text(name)
     (root / "data" / "evaluate" / "confusion.png").write_text("png")
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path)}
-    for command in (["git", "init", "-q"], [BIN / "dvc", "init", "-q"]):
-        subprocess.run(command, cwd=root, env=env, check=True)
+    subprocess.run(["git", "init", "-q"], cwd=root, env=env, check=True)  # .dvc/ is tracked
     subprocess.run([BIN / "dvc", "commit", "-f", "-q", "evaluate"], cwd=root, env=env, check=True)
     monkeypatch.chdir(root)  # DVC resolves targets from the working directory
     repo = Repo(str(root))
