@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from ran import paths
+from ran import stack as team_stack
 from ran.cli_options import with_model_options
 from ran.config import (
     SOURCE_ENV,
@@ -31,11 +32,12 @@ from ran.config import (
     with_source_override,
 )
 from ran.devices import pick_device
-from ran.errors import user_errors
+from ran.errors import RanError, user_errors
 from ran.model_table import model_table
+from ran.outbox import deliver_pending, pending_runs
 from ran.studies import get_study
 from ran.studies.report import tracked_report
-from ran.tracking import repo_root, runs_page, tracking_uri
+from ran.tracking import http_settings, repo_root, runs_page, tracking_uri
 
 app = typer.Typer(
     name="ran-cli",
@@ -455,6 +457,102 @@ def ui(
     page = runs_page(f"http://{host}:{port}", experiment)
     print(f"MLflow UI: {page} (store {uri}; Ctrl-C stops it)", flush=True)
     os.execve(sys.executable, args, env)
+
+
+SYNC_HELP = (
+    "Send the tracking server what earlier stages logged while it was away.\n\n"
+    "A stage that ends while its MLflow server is down or failing keeps what it could not "
+    "send (metrics, tags, artifacts, the model, the run's end) under $RAN_CACHE/outbox; each "
+    "stage also sends what is pending for its own server when it starts. Exit 1 when "
+    "something is still pending."
+)
+
+
+@app.command(help=SYNC_HELP)
+@user_errors
+def sync(
+    grace: Annotated[
+        float, typer.Option(help="seconds to keep trying a server that does not answer")
+    ] = 10.0,
+) -> None:
+    http_settings()
+    runs = pending_runs()
+    if not runs:
+        print("nothing pending: every run's logs reached its tracking store")
+        return
+    left = deliver_pending(None, grace)
+    for run_id, pending in left.items():
+        print(f"run {run_id}: still pending: {pending}")
+    print(f"sent what {len(runs) - len(left)} of {len(runs)} runs had pending")
+    if left:
+        raise SystemExit(1)
+
+
+stack_app = typer.Typer(
+    help="Start, check or stop a team stack on this machine (S3, PostgreSQL, MLflow).\n\n"
+    "An S3 store (SeaweedFS), PostgreSQL and an MLflow server with logins, all on 127.0.0.1, "
+    "their data under one folder. "
+    '`eval "$(ran-cli stack up)"` starts it and sets MLFLOW_TRACKING_URI and the login; '
+    "the S3 bucket becomes the repository's default DVC remote (in .dvc/config.local).",
+    no_args_is_help=True,
+)
+app.add_typer(stack_app, name="stack")
+
+STACK_DIR = typer.Option(
+    "--dir",
+    help="the stack's folder (data, logs, secrets); default $RAN_STACK_DIR, else "
+    "/var/lib/ran/stack as root, else ~/.local/share/ran/stack",
+)
+
+
+@stack_app.command("up")
+@user_errors
+def stack_up(
+    folder: Annotated[Path | None, STACK_DIR] = None,
+    dvc_remote: Annotated[
+        bool, typer.Option(help="make the bucket this repository's default DVC remote")
+    ] = True,
+) -> None:
+    """Start the services that are not running (nothing when all are) and print the
+    environment for this shell as export lines."""
+    import shlex
+    import sys
+
+    stack = team_stack.up(folder or team_stack.default_folder())
+    root = repo_root()
+    if dvc_remote and (root / ".dvc").is_dir():
+        team_stack.add_dvc_remote(stack, root)
+        remote = f"; DVC remote `{team_stack.DVC_REMOTE}` in {root / '.dvc/config.local'}"
+    else:
+        remote = ""
+    print(f"team stack up in {stack.folder}: MLflow {stack.tracking_uri()}, S3 "
+          f"{stack.s3_endpoint()}{remote}", file=sys.stderr)  # fmt: skip
+    for key, value in stack.environment().items():
+        print(f"export {key}={shlex.quote(value)}")
+
+
+@stack_app.command("status")
+@user_errors
+def stack_status(folder: Annotated[Path | None, STACK_DIR] = None) -> None:
+    """Each service's pid, port and whether it answers; exit 1 unless all are up."""
+    stack = team_stack.Stack((folder or team_stack.default_folder()).resolve())
+    if not stack.state_file.is_file():
+        raise RanError(f"no stack in {stack.folder}: start one with `ran-cli stack up`")
+    report = team_stack.status(stack)
+    for service, row in report.items():
+        state = "up" if row["answers"] else "running, not answering" if row["running"] else "down"
+        print(f"{service:<10} {state:<24} pid {row['pid'] or '-':<8} port {row['port']}")
+    if not all(row["answers"] for row in report.values()):
+        raise SystemExit(1)
+
+
+@stack_app.command("down")
+@user_errors
+def stack_down(folder: Annotated[Path | None, STACK_DIR] = None) -> None:
+    """Stop exactly the processes `up` started (their data stays for the next `up`)."""
+    stack = team_stack.Stack((folder or team_stack.default_folder()).resolve())
+    stopped = team_stack.down(stack)
+    print(f"stopped: {', '.join(stopped) or 'nothing was running'} ({stack.folder})")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from ran.inference.scoring import channel_mean_masks, scored_batches
 from ran.modelfile import load_model, loader_spec
 from ran.outputs import staged_output
 from ran.prior.maps import prior_batch, prior_for
-from ran.tracking import describe, log_outputs, tracked_stage
+from ran.tracking import describe, log_metrics, log_outputs, tracked_stage, tracking_uri
 
 OUTPUTS = ("metrics.json", "per_class.json", "confusion.json", "confusion.png", "predictions.csv")
 
@@ -172,8 +172,6 @@ def tracked_evaluate(
     prior: Path | None = None,
 ) -> dict[str, Any]:
     """:func:`evaluate` inside an MLflow run linked to the run that trained the model."""
-    import mlflow
-
     model, record = load_model(model_path)  # read once: its run id tags the run
     train_run = record.get("run_id")
     link = {"train_run_id": train_run} if train_run else {}
@@ -181,7 +179,7 @@ def tracked_evaluate(
     logged["prior"] = str(prior) if prior else None
     with tracked_stage("evaluate", experiment, logged, out, tags={**(tags or {}), **link}) as run:
         metrics = evaluate(model, record, model_path, data, out, params, prior)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "flip"})
+        log_metrics({k: float(v) for k, v in metrics.items() if k != "flip"})
         log_outputs(out, (*OUTPUTS, "masks"))
         trained = ""
         if train_run:
@@ -191,6 +189,6 @@ def tracked_evaluate(
         describe(
             f"Scores `{model_path}`{trained} on the {metrics['test_records']} test images of "
             f"`{data}`{flip}: top-1 {metrics['top1_accuracy']:.2%}, top-5 "
-            f"{metrics['top5_accuracy']:.2%}. Store {mlflow.get_tracking_uri()}."
+            f"{metrics['top5_accuracy']:.2%}. Store {tracking_uri()}."
         )
     return metrics

@@ -12,7 +12,7 @@ import sys
 import tarfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -147,6 +147,17 @@ def train_tiny(data: Path, folder: Path, *extra: str) -> Path:
 def trained_model(small_ingest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """:func:`train_tiny` on ``small_ingest``, read-only."""
     return train_tiny(small_ingest, tmp_path_factory.mktemp("trained"))
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> object:
+    """``condition()``'s first true value, polled until ``timeout`` seconds (else fail)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def free_port() -> int:

@@ -11,11 +11,11 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from ran.errors import RanError
 from ran.outputs import atomic_write, claim_output, leftovers, lock_path
@@ -70,16 +70,6 @@ def _holder(out: Path, run_id: str = "-", fork: bool = False) -> tuple[subproces
     line = proc.stdout.readline()  # printed once the claim is held
     assert proc.poll() is None, "holder died"
     return proc, line.strip()
-
-
-def _wait_for(condition: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def _alive(pid: int) -> bool:
@@ -378,7 +368,7 @@ def test_ingest_killed_halfway_is_cleaned_up_by_the_next_run(
     out = tmp_path / "out"
     proc = _start_ingest(small_archive, out, "killed")
     try:
-        _wait_for(lambda: _halfway(out) or proc.poll() is not None, 120, "ingest to get halfway")
+        wait_for(lambda: _halfway(out) or proc.poll() is not None, 120, "ingest to get halfway")
         assert proc.poll() is None, f"ingest ended before it was killed: {proc.stderr.read()}"
         os.kill(proc.pid, signal.SIGSTOP)  # hold it still while we look
         (left,) = _tmp_dirs(out)
@@ -408,7 +398,7 @@ def test_second_ingest_into_the_same_folder_is_refused(small_archive: Path, tmp_
     out = tmp_path / "out"
     first = _start_ingest(small_archive, out, "busy")
     try:
-        _wait_for(lambda: _halfway(out) or first.poll() is not None, 120, "ingest to get going")
+        wait_for(lambda: _halfway(out) or first.poll() is not None, 120, "ingest to get going")
         assert first.poll() is None, f"ingest ended too soon: {first.stderr.read()}"
         os.kill(first.pid, signal.SIGSTOP)  # keep it mid-run, holding the lock
         (working,) = _tmp_dirs(out)
@@ -462,7 +452,7 @@ def test_stage_killed_halfway_ends_its_run_as_killed(
     proc = _start("import sys; from ran.cli import app; sys.exit(app())", *args,
                   stderr=subprocess.PIPE)  # fmt: skip
     try:
-        _wait_for(lambda: recorded() or proc.poll() is not None, 120, f"{stage} to get going")
+        wait_for(lambda: recorded() or proc.poll() is not None, 120, f"{stage} to get going")
         assert proc.poll() is None, f"{stage} ended before it was killed: {proc.stderr.read()}"
         _kill9(proc)
         (killed,) = _mlflow_runs(stage)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -39,6 +40,15 @@ def test_dvc_repro_runs_the_pipeline_once_and_reruns_on_param_change(project: tu
     run_ok([str(BIN / "dvc"), "plots", "show", "-o", "plots"], repo, env)
     page = (repo / "plots" / "index.html").read_text()
     assert "curves.csv" in page and "predictions.csv" in page and "confusion.png" in page
+    # the default remote: a folder, no server (here the test's own, not ~/.cache/ran)
+    remote = repo.parent / "dvc-remote"
+    run_ok([str(BIN / "dvc"), "remote", "modify", "--local", "local", "url", remote], repo, env)
+    run_ok([str(BIN / "dvc"), "push"], repo, env)
+    model = (repo / "data/train/model.pt").read_bytes()
+    shutil.rmtree(repo / ".dvc/cache")
+    (repo / "data/train/model.pt").unlink()
+    run_ok([str(BIN / "dvc"), "pull", "dvc.yaml"], repo, env)  # the studies never ran here
+    assert (repo / "data/train/model.pt").read_bytes() == model
 
     changed = run_ok([str(BIN / "dvc"), "exp", "run", "-S", "quick.train.lr=0.05"], repo, env)
     assert "Running stage 'train'" in changed.stdout

@@ -34,7 +34,14 @@ from ran.data.validate import validate_manifest
 from ran.errors import RanError
 from ran.outputs import publish_dir, temporary_sibling
 from ran.progress import tracked
-from ran.tracking import describe, log_file_dataset, log_outputs, tracked_stage
+from ran.tracking import (
+    describe,
+    log_artifact,
+    log_file_dataset,
+    log_metrics,
+    log_outputs,
+    tracked_stage,
+)
 
 SPLITS = ("train", "val")
 OUTPUTS = ("train.beton", "val.beton", "meta.json", "manifest.parquet", "validation.json")
@@ -203,17 +210,15 @@ def tracked_ingest(
 ) -> dict[str, Any]:
     """:func:`ingest` as a tracked stage (:func:`ran.tracking.tracked_stage`): params,
     counts, statistics, validation, datasets."""
-    import mlflow
-
     logged = {**params.model_dump(mode="json"), "out": str(out)}
     with tracked_stage("ingest", experiment, logged, out, tags=tags):
         try:
             meta = ingest(params, out)
         except ValidationFailed as exc:
-            mlflow.log_artifact(str(exc.report))
-            mlflow.log_metric("validation_success", 0)
+            log_artifact(exc.report)
+            log_metrics({"validation_success": 0})
             raise
-        mlflow.log_metrics(
+        log_metrics(
             {
                 "num_classes": meta["num_classes"],
                 "train_count": meta["splits"]["train"]["count"],

@@ -164,6 +164,9 @@ def load_predictor(model: str, device: str = "cpu", flip: bool = False) -> Predi
     return predictor.to(device)
 
 
+MODEL_NAME = "model"  # the image model's name in its run
+
+
 def model_requirements() -> list[str]:
     """What the image model's code imports, pinned to this environment's versions."""
     from importlib.metadata import version
@@ -172,17 +175,52 @@ def model_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in names]
 
 
-def log_image_model(model_file: Path, registered_name: str | None = None) -> Any:
-    """Log ``model_file`` to the active MLflow run as the image model (``model``): MLflow's
-    models-from-code, with ``ran`` as its code and ``model.pt`` as its artifact, so it
-    loads with pickle refused (``torch.load(weights_only=True)`` reads the weights)."""
+def log_image_model(
+    model_file: Path, registered_name: str | None = None, run_id: str | None = None
+) -> Any:
+    """Log ``model_file`` to run ``run_id`` (default: the active MLflow run) as the image
+    model (``model``): MLflow's models-from-code, with ``ran`` as its code and ``model.pt``
+    as its artifact, so it loads with pickle refused (``torch.load(weights_only=True)``
+    reads the weights); registered as ``registered_name`` when given."""
     import mlflow
+    from mlflow.models import Model
 
-    return mlflow.pyfunc.log_model(
-        name="model",
+    if run_id is not None:  # the model belongs to its run's experiment, not the active one
+        experiment = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+        mlflow.set_experiment(experiment_id=experiment)
+    return Model.log(
+        artifact_path=None,
+        name=MODEL_NAME,
+        flavor=mlflow.pyfunc,
         python_model=str(Path(__file__).with_name("mlflow_model.py")),
         artifacts={"model": str(model_file)},
         code_paths=[str(Path(ran.__file__).parent)],
         registered_model_name=registered_name,
         pip_requirements=model_requirements(),
+        run_id=run_id,
     )
+
+
+def log_image_model_once(
+    uri: str, run_id: str, model: Path, registered_name: str | None = None
+) -> None:
+    """:func:`log_image_model` as the training stage's outbox runs it
+    (:func:`ran.tracking.log_later`): safe to repeat after a try that failed half-way, it
+    logs the model only if the run has none, and registers it only if no version comes
+    from this run."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment = client.get_run(run_id).info.experiment_id
+    logged = client.search_logged_models(
+        experiment_ids=[experiment],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'",
+    )
+    ready = [m for m in logged if str(m.status) in ("READY", "LoggedModelStatus.READY")]
+    if not ready:
+        log_image_model(model, registered_name, run_id)
+        return
+    if registered_name and not client.search_model_versions(f"run_id = '{run_id}'"):
+        mlflow.register_model(ready[0].model_uri, registered_name)

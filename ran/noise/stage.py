@@ -21,7 +21,7 @@ from ran.figures import matrix_png
 from ran.noise.corrupt import corrupt
 from ran.noise.report import counts_matrix, noise_report, validate_noise
 from ran.outputs import staged_output
-from ran.tracking import describe, log_file_dataset, log_outputs, tracked_stage
+from ran.tracking import describe, log_file_dataset, log_metrics, log_outputs, tracked_stage
 
 OUTPUTS = ("labels.npy", "report.json", "transition.png", "validation.json")
 
@@ -69,12 +69,10 @@ def tracked_noise(
     tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """:func:`make_noisy_labels` inside an MLflow run holding ``out``."""
-    import mlflow
-
     logged = {**params.model_dump(mode="json"), "data": str(data), "out": str(out)}
     with tracked_stage("noise", experiment, logged, out, tags=tags):
         report = make_noisy_labels(params, data, out)
-        mlflow.log_metrics(
+        log_metrics(
             {
                 "achieved_rate": report["achieved_rate"],
                 "flipped_records": report["flipped_records"],

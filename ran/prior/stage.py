@@ -28,7 +28,7 @@ from ran.errors import RanError
 from ran.outputs import staged_output
 from ran.prior.vit import cls_attention, load_vit, vit_normalize
 from ran.progress import progress_bar
-from ran.tracking import describe, log_file_dataset, log_outputs, tracked_stage
+from ran.tracking import describe, log_file_dataset, log_metrics, log_outputs, tracked_stage
 
 SPLITS = ("train", "val")
 OUTPUTS = ("train.npy", "val.npy", "report.json", "sample.png", "validation.json")
@@ -200,12 +200,10 @@ def tracked_prior(
     tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """:func:`make_prior` inside an MLflow run holding ``out``."""
-    import mlflow
-
     logged = {**params.model_dump(mode="json"), "data": str(data), "out": str(out)}
     with tracked_stage("prior", experiment, logged, out, tags=tags):
         report = make_prior(params, data, out)
-        mlflow.log_metrics({k: v for k, v in report.items() if isinstance(v, float)})
+        log_metrics({k: v for k, v in report.items() if isinstance(v, float)})
         log_outputs(out, OUTPUTS[2:])
         describe(
             f"Computes the last block's [CLS] attention of a {params.init} {params.vit} at "

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 from ran.outputs import staged_output
 from ran.studies.tables import Study
-from ran.tracking import describe, log_outputs, tracked_stage, tracking_uri
+from ran.tracking import describe, log_metrics, log_outputs, tracked_stage, tracking_uri
 
 UI = "http://127.0.0.1:5000"  # where `ran-cli ui` serves a local store
 OUTPUTS = ("report.md", "report.png", "results.json")
@@ -211,13 +211,11 @@ def tracked_report(
 ) -> dict[str, Any]:
     """:func:`write_report` inside an MLflow run (``stage`` report, tagged with the study),
     its files logged as artifacts."""
-    import mlflow
-
     logged = {"study": study.name, "profile": profile, "out": str(out)}
     run_tags = {**(tags or {}), "study": study.name, "study.profile": profile}
     with tracked_stage("report", experiment, logged, out, tags=run_tags):
         summary = write_report(study, experiment, profile, out)
-        mlflow.log_metrics(
+        log_metrics(
             {k: float(summary[k]) for k in ("missing_cells", "ordering_holds", "complete_rows")}
         )
         log_outputs(out, OUTPUTS)

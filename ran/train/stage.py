@@ -14,11 +14,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ran.config import TrainParams
-from ran.inference.predictor import log_image_model
 from ran.modelfile import BEST, MODEL, load, model_record, save
 from ran.outputs import atomic_write
 from ran.progress import progress_bar
-from ran.tracking import describe, log_file_dataset, log_outputs, tracked_stage
+from ran.tracking import (
+    check_store,
+    describe,
+    log_artifact,
+    log_file_dataset,
+    log_later,
+    log_metrics,
+    log_outputs,
+    tracked_stage,
+)
 from ran.train import checkpoint, distributed
 from ran.train.loop import Trainer
 
@@ -69,10 +77,8 @@ class _Hooks:
         self.trainer, self.run_id, self.bar, self.task = trainer, run_id, bar, task
 
     def log(self, row: dict[str, float]) -> None:
-        import mlflow
-
         metrics = {k: v for k, v in row.items() if k != "iteration"}
-        mlflow.log_metrics(metrics, step=int(row["iteration"]))
+        log_metrics(metrics, step=int(row["iteration"]))
         self.bar.update(
             self.task,
             loss=row["loss"],
@@ -82,9 +88,7 @@ class _Hooks:
         )
 
     def holdout(self, iteration: int, score: float, improved: bool) -> None:
-        import mlflow
-
-        mlflow.log_metric("holdout_accuracy", score, step=iteration)
+        log_metrics({"holdout_accuracy": score}, step=iteration)
         if improved:
             trainer = self.trainer
             save(trainer.out / BEST, _model_record(trainer, self.run_id))
@@ -148,17 +152,21 @@ def _log_model(trainer: Trainer, register: bool) -> None:
 
     A network that takes a ViT prior cannot score bare image bytes (the prior needs the
     ViT), so its ``model.pt`` is logged as a plain artifact instead."""
-    import mlflow
-
     if trainer.prior_path is not None:
-        mlflow.log_artifact(str(trainer.out / MODEL), "model")
+        log_artifact(trainer.out / MODEL, "model")
         print(
             "model.pt logged as an artifact, not as an MLflow image model: a vitmask network "
             "needs a prior map per image, which the image model does not compute",
             file=sys.stderr,
         )
         return
-    log_image_model(trainer.out / MODEL, registered_name(trainer) if register else None)
+    name = registered_name(trainer) if register else None
+    log_later(
+        "ran.inference.predictor:log_image_model_once",
+        f"the image model (registered as {name})" if name else "the image model",
+        {"model": trainer.out / MODEL},
+        registered_name=name,
+    )
 
 
 def train_model(
@@ -175,6 +183,8 @@ def train_model(
     hold-out), ``curves.csv``, ``summary.json``; one MLflow run; returns the summary (an
     empty one on the other processes of a DDP run)."""
     context = distributed.setup(params.device)
+    if context.main:
+        check_store()  # a server that is away or refuses the login: before any work
     try:
         trainer = Trainer(params, data, out, context, labels, prior)
         if context.main:
@@ -213,12 +223,11 @@ def _logged_params(trainer: Trainer) -> dict[str, Any]:
 def _main_process(
     trainer: Trainer, experiment: str, state: dict[str, Any] | None, tags: dict[str, str] | None
 ) -> dict[str, Any]:
-    import mlflow
-
     run_id = state.get("run_id") if state else None
-    mlflow.enable_system_metrics_logging()
     logged = _logged_params(trainer)
-    with tracked_stage("train", experiment, logged, trainer.out, run_id=run_id, tags=tags) as run:
+    with tracked_stage(
+        "train", experiment, logged, trainer.out, run_id=run_id, tags=tags, system_metrics=True
+    ) as run:
         if state is None:
             _log_inputs(trainer)
         fields = (
@@ -242,7 +251,7 @@ def _main_process(
         atomic_write(
             trainer.out / SUMMARY, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n")
         )
-        mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
+        log_metrics({k: v for k, v in summary.items() if isinstance(v, float)})
         log_outputs(trainer.out, (CURVES, HOLDOUT, SUMMARY))
         describe(_description(trainer, summary))
         if trainer.params.log_model:
