@@ -1,7 +1,7 @@
 # The two commands a newcomer needs (both set everything up first):
 #   make repro   run the DVC pipeline (dvc repro)
 #   make test    lint, format check, and the whole test suite
-.PHONY: setup repro test lint docs docs-figures bench bench-models bench-train bench-serve lock
+.PHONY: setup repro test lint docs docs-figures bench bench-models bench-train bench-serve bench-tracking lock
 
 setup:
 	@scripts/setup.sh
@@ -42,6 +42,10 @@ bench-train: setup
 
 bench-serve: setup
 	.venv/bin/python benchmarks/serve.py
+
+# SQLite against the team stack (ran-cli stack); the outage run needs data/ingest (make repro).
+bench-tracking: setup
+	.venv/bin/python benchmarks/tracking.py
 
 # Re-pin requirements.lock from the current .venv (after changing pyproject.toml).
 lock:

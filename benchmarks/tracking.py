@@ -162,7 +162,7 @@ def main() -> None:
         per_log = 10 * step  # the quick profile logs every 10 steps
         print(f"quick profile step: {step * 1000:.0f} ms (one logged row per {per_log:.2f} s)")
         print("\n| store | in the loop, outbox | in the loop, MLflow sync | sent (thread) "
-              "| outbox share of step time | model log + register |")  # fmt: skip
+              "| outbox share of training time | model log + register |")  # fmt: skip
         print("| --- | --- | --- | --- | --- | --- |")
         for name, uri in stores.items():
             costs = logging_costs(uri, args.rows, folder / name.split()[0])
