@@ -24,7 +24,10 @@ import pytest
 from conftest import BIN, free_port, serving
 
 NAME = "cifar10-attention56"
-WINDOW = 1.0  # --batch-timeout of the server under test: far longer than scoring a request
+WINDOW = 1.0  # the batch window of the queue tests: far longer than taking a request
+# The server's: far longer than scoring a request even while the other test worker loads
+# both cores (a lone request took up to 1.7 s then), so a request held for it shows.
+SERVE_WINDOW = 5.0
 
 
 def _post(url: str, body: bytes) -> tuple[int, dict]:
@@ -77,7 +80,7 @@ def test_serve_answers_like_predict_and_survives_bad_bodies(
     expected = {row["file"]: row for row in json.loads(predicted.stdout)}
     port = free_port()
     args = [str(BIN / "ran-cli"), "serve", "--model", registered, "--port", str(port)]
-    args += ["--batch-timeout", str(WINDOW)]
+    args += ["--batch-timeout", str(SERVE_WINDOW)]
     url = f"http://127.0.0.1:{port}"
     with serving(args, url, tmp_path / "serve.log", stops_cleanly=True):
         status, answer = _post(url, _inputs(files))
@@ -90,7 +93,7 @@ def test_serve_answers_like_predict_and_survives_bad_bodies(
             took.append(time.monotonic() - began)
             assert status == 200
             _same(answer["predictions"], [expected[str(file)]])
-        assert min(took) < WINDOW / 2, took  # held for the window, each would take over 1 s
+        assert min(took) < SERVE_WINDOW / 2, took  # held for the window, each would take 5 s
         hello = base64.b64encode(b"hello").decode()
         for body, says in (
             (b"not json", "the body must be JSON"),
