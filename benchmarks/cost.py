@@ -40,10 +40,10 @@ def network_key(row: dict[str, Any]) -> str:
 
 def plan() -> list[dict[str, Any]]:
     """One row per paper-profile cell of every study."""
+    from ran.models import find_variant
     from ran.studies.cell import cell_params
     from ran.studies.tables import STUDIES
     from ran.train.recipe import Recipe, model_options
-    from ran.models import find_variant
 
     rows = []
     for study in STUDIES.values():
@@ -69,8 +69,9 @@ def plan() -> list[dict[str, Any]]:
     return rows
 
 
-def measure_one(row: dict[str, Any], warmup: int, steps: int) -> float:
-    """Training images/s of one network on the GPU, as the trainer steps it there."""
+def measure_one(row: dict[str, Any], warmup: int, steps: int, compiled: bool) -> float:
+    """Training images/s of one network on the GPU, as the trainer steps it there
+    (``compiled``: through ``torch.compile``, as ``--compile`` trains it)."""
     import torch
 
     from ran.models import build_model
@@ -79,19 +80,22 @@ def measure_one(row: dict[str, Any], warmup: int, steps: int) -> float:
     device = torch.device("cuda")
     model = build_model(row["variant"], row["num_classes"], **row["options"])
     model = model.to(device, memory_format=torch.channels_last).train()
+    forward = torch.compile(model) if compiled else model
     if row["optimizer"] == "adamw":
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     batch, side = row["batch"], row["side"]
     x = torch.randn(batch, 3, side, side, device=device).to(memory_format=torch.channels_last)
-    inputs = (x, torch.rand(batch, 1, side // 8, side // 8, device=device)) if row["prior"] else (x,)
+    inputs = (
+        (x, torch.rand(batch, 1, side // 8, side // 8, device=device)) if row["prior"] else (x,)
+    )
     y = torch.randint(0, row["num_classes"], (batch,), device=device)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(model(*inputs), y)
+            loss = loss_fn(forward(*inputs), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -108,7 +112,9 @@ def measure_one(row: dict[str, Any], warmup: int, steps: int) -> float:
     return batch * steps / (start.elapsed_time(end) / 1000)
 
 
-def measure(rows: list[dict[str, Any]], warmup: int, steps: int) -> dict[str, Any]:
+def measure(
+    rows: list[dict[str, Any]], warmup: int, steps: int, compiled: bool = False
+) -> dict[str, Any]:
     import torch
 
     rates: dict[str, float] = {}
@@ -116,14 +122,19 @@ def measure(rows: list[dict[str, Any]], warmup: int, steps: int) -> dict[str, An
         key = network_key(row)
         if key not in rates:
             began = time.perf_counter()
-            rates[key] = measure_one(row, warmup, steps)
+            rates[key] = measure_one(row, warmup, steps, compiled)
             took = time.perf_counter() - began
-            print(f"{row['variant']} {row['options']} side {row['side']}: "
-                  f"{rates[key]:.0f} images/s ({took:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"{row['variant']} {row['options']} side {row['side']}: "
+                f"{rates[key]:.0f} images/s ({took:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     return {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "setting": f"bf16 autocast, channels_last, eager; {warmup} warm-up + {steps} timed steps",
+        "setting": f"bf16 autocast, channels_last, {'torch.compile' if compiled else 'eager'}; "
+        f"{warmup} warm-up + {steps} timed steps",
         "images_per_s": rates,
     }
 
@@ -170,7 +181,9 @@ def table(rows: list[dict[str, Any]], rates: dict[str, Any], price: float, seeds
         lines.append(
             f"| {name} | {len(hours)} | {total:.1f} | ${math.ceil(total * price):,} | {walls} |"
         )
-    lines.append(f"\nRates: {rates['device']}" + (f", {rates['setting']}" if "setting" in rates else ""))
+    lines.append(
+        f"\nRates: {rates['device']}" + (f", {rates['setting']}" if "setting" in rates else "")
+    )
     return "\n".join(lines)
 
 
@@ -182,6 +195,8 @@ def main() -> None:
     p.add_argument("plan", type=Path)
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--compile", action="store_true", help="through torch.compile")
+    p.add_argument("--studies", help="comma-separated studies to measure (default: all)")
     t = sub.add_parser("table", help="GPU-hours and wall time per study (markdown)")
     t.add_argument("plan", type=Path)
     t.add_argument("rates", type=Path, nargs="?", help="measure's output")
@@ -193,7 +208,14 @@ def main() -> None:
     if args.command == "plan":
         json.dump(plan(), sys.stdout, indent=1)
     elif args.command == "measure":
-        json.dump(measure(json.loads(args.plan.read_text()), args.warmup, args.steps), sys.stdout, indent=1)
+        rows = json.loads(args.plan.read_text())
+        if args.studies:
+            rows = [row for row in rows if row["study"] in args.studies.split(",")]
+        json.dump(
+            measure(rows, args.warmup, args.steps, args.compile),
+            sys.stdout,
+            indent=1,
+        )
     else:
         rows = json.loads(args.plan.read_text())
         if args.rates:

@@ -17,6 +17,9 @@ import typer
 from ran import paths
 from ran import stack as team_stack
 from ran.cli_options import with_model_options
+from ran.cluster import cells as study_cells
+from ran.cluster.driver import run_study
+from ran.cluster.driver import study_status as cell_states
 from ran.config import (
     SOURCE_ENV,
     EvaluateParams,
@@ -35,6 +38,7 @@ from ran.devices import pick_device
 from ran.errors import RanError, user_errors
 from ran.model_table import model_table
 from ran.outbox import deliver_pending, pending_runs
+from ran.outputs import atomic_write
 from ran.studies import get_study
 from ran.studies.report import tracked_report
 from ran.tracking import http_settings, repo_root, runs_page, tracking_uri
@@ -553,6 +557,104 @@ def stack_down(folder: Annotated[Path | None, STACK_DIR] = None) -> None:
     stack = team_stack.Stack((folder or team_stack.default_folder()).resolve())
     stopped = team_stack.down(stack)
     print(f"stopped: {', '.join(stopped) or 'nothing was running'} ({stack.folder})")
+
+
+study_app = typer.Typer(
+    help="Run a paper study's cells, here through DVC or on a Ray cluster, and see where "
+    "each cell stands.",
+    no_args_is_help=True,
+)
+app.add_typer(study_app, name="study")
+STUDY_CELLS = typer.Option(
+    help="comma-separated cells to run (default: all of the study's)", show_default=False
+)
+SET_PARAM = typer.Option(
+    "-S",
+    "--set-param",
+    help="params.yaml override as `dvc exp run -S` takes it, e.g. "
+    "-S studies.quick.train.iterations=20 (repeatable; written to params.yaml)",
+)
+
+STUDY_RUN_HELP = f"""Run a study's cells that are not done: with --cluster on a Ray cluster, else here with `dvc repro --keep-going`.
+
+Studies: {STUDY_NAMES}.
+
+On a cluster every cell is one Ray task (a GPU per paper-profile cell, two CPUs per quick one), running the cell's own DVC stage on a node from this commit's code: it logs to the MLflow server in MLFLOW_TRACKING_URI and pushes its outputs to the DVC remote; its checkpoints live in the remote's storage, so a cell whose node dies is retried on another and resumes. Each finished cell's entry is written into studies/dvc.lock; at the end the outputs are pulled and, once every cell of the study is done, its report stage runs. A cell already done with the same inputs, here or on the cluster, is not run again.
+
+The driver's MLFLOW_TRACKING_* and AWS_* variables and .dvc/config.local (the remote's settings) go to the tasks through Ray's runtime environment.
+"""  # noqa: E501 - one line per paragraph: the help formatter wraps them
+
+
+@study_app.command("run", help=STUDY_RUN_HELP)
+@user_errors
+def study_run(
+    study: Annotated[str, typer.Argument(help=f"the study: {STUDY_NAMES}")],
+    cluster: Annotated[
+        str | None,
+        typer.Option(help="the Ray head's address, HOST:PORT (e.g. 10.0.0.5:6379)"),
+    ] = None,
+    cells: Annotated[str | None, STUDY_CELLS] = None,
+    set_param: Annotated[list[str] | None, SET_PARAM] = None,
+    remote: Annotated[
+        str | None, typer.Option(help="DVC remote for inputs, outputs and checkpoints")
+    ] = None,
+    cpus_per_cell: Annotated[
+        int | None,
+        typer.Option(help="CPUs a cell asks of a node (default: 2 quick, 4 with a GPU)"),
+    ] = None,
+) -> None:
+    import subprocess
+    import sys
+
+    chosen = get_study(study)
+    names = [name.strip() for name in cells.split(",") if name.strip()] if cells else None
+    selected = study_cells.select(chosen, names)
+    root = repo_root()
+    if cluster is None:
+        params = study_cells.overridden_params(root, set_param or [])
+        if set_param:
+            atomic_write(root / "params.yaml", lambda tmp: tmp.write_text(params))
+        targets = (
+            [study_cells.target(chosen, cell) for cell in selected]
+            if names
+            else [f"{study_cells.STUDIES_DVC}:{chosen.name}"]
+        )
+        args = [sys.executable, "-m", "dvc", "repro", "--keep-going", *targets]
+        raise SystemExit(subprocess.run(args, cwd=root).returncode)
+
+    outcome = run_study(root, chosen, cluster, names, set_param, remote=remote, cpus=cpus_per_cell)
+    print(f"{study}: {len(outcome['done'])} cells run, {len(outcome['skipped'])} already "
+          f"done, {len(outcome['failed'])} failed")  # fmt: skip
+    for name, error in outcome["failed"].items():
+        print(f"  {name}: {error}")
+    if outcome["failed"]:
+        raise SystemExit(1)
+
+
+STUDY_STATUS_HELP = (
+    "Each cell of a study: done, running, retried, failed (with its error) or pending, its "
+    "attempt and its MLflow run; from DVC's lock files, MLflow's runs, and what `study run "
+    "--cluster` recorded of each Ray task (data/cluster/STUDY.json)."
+)
+
+
+@study_app.command("status", help=STUDY_STATUS_HELP)
+@user_errors
+def study_status(
+    study: Annotated[str, typer.Argument(help=f"the study: {STUDY_NAMES}")],
+    experiment: Annotated[
+        str, typer.Option(help="MLflow experiment of the cells' runs")
+    ] = TrackingParams.model_fields["experiment"].default,
+) -> None:
+    rows = cell_states(repo_root(), get_study(study), experiment)
+    for row in rows:
+        attempt = f"attempt {row['attempt']}" if row["attempt"] else ""
+        print(f"{row['cell']:<28} {row['state']:<8} {attempt:<10} {row['run'] or '-'}")
+        if row["error"]:
+            print(f"{'':<28} error: {row['error']}")
+    counts = {state: sum(r["state"] == state for r in rows) for state in
+              ("done", "running", "retried", "failed", "pending")}  # fmt: skip
+    print(", ".join(f"{n} {state}" for state, n in counts.items() if n))
 
 
 if __name__ == "__main__":

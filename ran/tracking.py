@@ -8,6 +8,7 @@ stages write to the same store wherever they are started from.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import subprocess
@@ -78,7 +79,15 @@ def _git(root: Path, *args: str) -> str | None:
 
 
 def _git_commit(root: Path) -> str | None:
-    return _git(root, "rev-parse", "HEAD") or None
+    """The commit of ``root``; for code shipped without its history (a study cell on a
+    cluster node, :mod:`ran.cluster.worker`), the one ``RAN_GIT_COMMIT`` names."""
+    return _git(root, "rev-parse", "HEAD") or os.environ.get("RAN_GIT_COMMIT") or None
+
+
+def _env_tags() -> dict[str, str]:
+    """Tags a caller hands every run of a process tree it starts (``RAN_RUN_TAGS``, a JSON
+    object): a cluster cell's attempt and node."""
+    return json.loads(os.environ.get("RAN_RUN_TAGS") or "{}")
 
 
 def _git_dirty(root: Path) -> str | None:
@@ -182,6 +191,7 @@ def tracked_stage(
             "git_dirty": _git_dirty(root),
             "dvc.stage": os.environ.get("DVC_STAGE"),
             "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
+            **_env_tags(),
             **(tags or {}),
         }
         run_tags = {k: v for k, v in run_tags.items() if v}

@@ -2,24 +2,25 @@
 # Sets up everything on a fresh machine, and does nothing when nothing changed:
 #   1. system packages (apt, when root; else says which): the libraries FFCV compiles
 #      against, Chromium for the browser test of the MLflow UI (tests/test_browser.py) and
-#      PostgreSQL for the team stack (`ran-cli stack up`, tests/test_team.py),
+#      PostgreSQL for the team stack (`ran-cli stack up`, tests/test_team.py), and the
+#      namespace tools the Ray cluster test runs in (util-linux's unshare/nsenter, ip, ps),
 #   2. a virtual environment in .venv with Python 3.11,
 #   3. the exact versions in requirements.lock, then this project (editable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SYSTEM_PACKAGES=(pkg-config libturbojpeg0-dev libopencv-dev chromium postgresql)
+SYSTEM_PACKAGES=(pkg-config libturbojpeg0-dev libopencv-dev chromium postgresql util-linux iproute2 procps)
 missing=()
 for pkg in "${SYSTEM_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
   if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-    echo "setup: installing system packages (FFCV, browser test, team stack): ${missing[*]}"
+    echo "setup: installing system packages (FFCV, browser test, team stack, cluster test): ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "setup: FFCV, the browser test and the team stack need: sudo apt-get install ${missing[*]}" >&2
+    echo "setup: FFCV, the browser test, the team stack and the cluster test need: sudo apt-get install ${missing[*]}" >&2
     exit 1
   fi
 fi

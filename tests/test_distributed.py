@@ -39,18 +39,21 @@ torch.save(dict(trainers[0].model.named_parameters()), out / f"weights-{rank}.pt
 """
 
 
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def test_two_processes_see_disjoint_records_and_agree(small_ingest: Path, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     out = tmp_path / "train"
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
-    torchrun = Path(sys.executable).parent / "torchrun"
     result = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", str(probe), str(small_ingest), str(out)],
+        [str(TORCHRUN), "--nproc-per-node", "2", str(probe), str(small_ingest), str(out)],
         capture_output=True,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=ENV,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     seen = [np.load(out / f"seen-{rank}.npy") for rank in (0, 1)]
@@ -67,3 +70,24 @@ def test_two_processes_see_disjoint_records_and_agree(small_ingest: Path, tmp_pa
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     (run,) = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
     assert run.data.params["world_size"] == "2" and run.info.status == "FINISHED"
+
+    # Two nodes of one process each, meeting at a c10d rendezvous (as on a cluster: the
+    # same command on every node, the endpoint on the first): the same final network.
+    from conftest import free_port
+
+    nodes_out = tmp_path / "two-nodes"
+    endpoint = f"127.0.0.1:{free_port()}"
+    launch = [str(TORCHRUN), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+              "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes", str(probe),
+              str(small_ingest), str(nodes_out)]  # fmt: skip
+    # c10d ranks the nodes by process id: the first started is rank 0, as in the run above
+    nodes = [subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=ENV)]  # fmt: skip
+    nodes.append(subprocess.Popen(launch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  env=ENV))  # fmt: skip
+    logs = nodes[0].communicate(timeout=600)[0]
+    assert [node.wait(60) for node in nodes] == [0, 0], logs[-4000:]
+    across = torch.load(nodes_out / "model.pt", weights_only=True)["state_dict"]
+    alone = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    assert across.keys() == alone.keys()
+    assert all(torch.equal(across[name], alone[name]) for name in alone)

@@ -42,7 +42,7 @@ class CellResult:
     link: str | None
 
 
-def _run_link(uri: str, experiment_id: str, run_id: str) -> str:
+def run_link(uri: str, experiment_id: str, run_id: str) -> str:
     base = uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else UI
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
@@ -71,7 +71,7 @@ def collect(study: Study, experiment: str, profile: str) -> dict[str, CellResult
         name = run.data.tags.get("study.cell")
         error = run.data.metrics.get("top1_error_pct")
         if name in results and results[name].run_id is None and error is not None:
-            link = _run_link(uri, run.info.experiment_id, run.info.run_id)
+            link = run_link(uri, run.info.experiment_id, run.info.run_id)
             results[name] = CellResult(error, run.info.run_id, link)
     return results
 
