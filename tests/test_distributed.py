@@ -40,7 +40,6 @@ torch.save(dict(trainers[0].model.named_parameters()), out / f"weights-{rank}.pt
 
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_two_processes_see_disjoint_records_and_agree(small_ingest: Path, tmp_path: Path) -> None:
@@ -49,11 +48,12 @@ def test_two_processes_see_disjoint_records_and_agree(small_ingest: Path, tmp_pa
     out = tmp_path / "train"
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # this test's MLflow store (conftest)
     result = subprocess.run(
         [str(TORCHRUN), "--nproc-per-node", "2", str(probe), str(small_ingest), str(out)],
         capture_output=True,
         text=True,
-        env=ENV,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     seen = [np.load(out / f"seen-{rank}.npy") for rank in (0, 1)]
@@ -82,9 +82,9 @@ def test_two_processes_see_disjoint_records_and_agree(small_ingest: Path, tmp_pa
               str(small_ingest), str(nodes_out)]  # fmt: skip
     # c10d ranks the nodes by process id: the first started is rank 0, as in the run above
     nodes = [subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=ENV)]  # fmt: skip
+                              text=True, env=env)]  # fmt: skip
     nodes.append(subprocess.Popen(launch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  env=ENV))  # fmt: skip
+                                  env=env))  # fmt: skip
     logs = nodes[0].communicate(timeout=600)[0]
     assert [node.wait(60) for node in nodes] == [0, 0], logs[-4000:]
     across = torch.load(nodes_out / "model.pt", weights_only=True)["state_dict"]
