@@ -30,22 +30,38 @@ STUDY = "mask"  # two Attention-56 cells: the smallest whole study, one cell per
 CELL_TRAIN = {"iterations": 40, "checkpoint_every": 8, "log_model": False}
 
 
+# PID 1 of the namespaces: brings up loopback, then reaps every orphan (a `sleep` would
+# leave zombies, which `ray stop` waits on as if they were alive).
+INIT = """
+import os, subprocess, sys, time
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        time.sleep(0.2)
+"""
+
+
 class Namespace:
-    """Private network + PID + mount namespaces held open by a ``sleep`` as their PID 1;
+    """Private network + PID + mount namespaces held open by a reaper as their PID 1;
     :meth:`run` starts a command inside them. Killing PID 1 ends every process inside."""
 
     def __init__(self) -> None:
-        script = "ip link set lo up && exec sleep infinity"
-        self.outer = subprocess.Popen(
-            ["unshare", "-n", "-p", "-f", "--mount-proc", "sh", "-c", script]
-        )
+        unshare = ["unshare", "-n", "-p", "-f", "--mount-proc"]
+        self.outer = subprocess.Popen([*unshare, sys.executable, "-c", INIT, "ran-test-init"])
         self.pid1 = wait_for(self._pid1, 10, "the namespace's PID 1")
+        wait_for(self._loopback_up, 10, "loopback to be up in the namespace")
 
     def _pid1(self) -> int | None:
         children = psutil.Process(self.outer.pid).children()
-        if children and "sleep" in " ".join(children[0].cmdline()):
+        if children and "ran-test-init" in children[0].cmdline():
             return children[0].pid
         return None
+
+    def _loopback_up(self) -> bool:
+        shown = subprocess.run(self.args(["ip", "link", "show", "lo"]), capture_output=True)
+        return b",UP," in shown.stdout
 
     def args(self, args: list, cwd: Path = Path("/")) -> list[str]:
         enter = ["nsenter", "-t", str(self.pid1), "-n", "-p", "-m", f"--wd={cwd}", "--"]
@@ -56,7 +72,7 @@ class Namespace:
 
     def processes(self) -> list[str]:
         """What runs inside, as its own ``ps`` sees it: neither PID 1, nor ``ps`` itself, nor
-        the zombies of ended processes (a ``sleep`` reaps no orphan)."""
+        a zombie not yet reaped."""
         out = subprocess.run(self.args(["ps", "-eo", "pid=,stat=,args="]), capture_output=True,
                              text=True, check=True).stdout  # fmt: skip
         return [line for line in out.splitlines()
@@ -232,6 +248,14 @@ def test_a_study_runs_on_a_two_node_ray_cluster_with_a_node_killed_mid_cell(
 
             killed = wait_for(checkpointed_on_worker, 300, "a checkpoint of a cell on the node")
             _kill_node(worker_id)
+
+            def shows_retried() -> bool:
+                assert driver.poll() is None, "the study ended before its retry was seen"
+                rows = ns.run([*CLI, "study", "status", STUDY], repo, env).stdout.splitlines()
+                row = next(line for line in rows if line.startswith(killed))
+                return " retried " in row and "attempt 2" in row
+
+            wait_for(shows_retried, 300, "`study status` to show the killed cell retried")
             assert driver.wait(600) == 0, log.read_text()[-5000:]
         report = log.read_text()
         assert "3 of 3" not in report and "0 failed" in report, report[-3000:]

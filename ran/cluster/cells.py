@@ -61,11 +61,16 @@ def inputs(cell: Cell) -> list[str]:
 
 
 def dvc(root: Path, *args: str, what: str, env: dict[str, str] | None = None) -> str:
-    """Run ``dvc ARGS`` in ``root`` with this environment's DVC; its last error line as a
-    RanError naming ``what`` failed."""
+    """Run ``dvc ARGS`` in ``root`` with this environment's DVC, waiting for DVC's lock (a
+    ``study status`` may hold it a moment); its last error line as a RanError naming
+    ``what`` failed."""
     env = {**(env or os.environ), "DVC_NO_ANALYTICS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "dvc", "--wait-for-lock", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if result.returncode:
         lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
