@@ -284,9 +284,10 @@ def run_study(
     check_tracking()
     with staged_code(root, commit, params) as code:
         env = {name: os.environ[name] for name in FORWARDED if name in os.environ}
-        ray.init(address=address, _node_ip_address=own_address, log_to_driver=False,
-                 runtime_env={"working_dir": str(code), "env_vars": env},
-                 logging_level="ERROR")  # fmt: skip
+        # a driver on the cluster's network says its address (Ray Client's ray:// has none)
+        here = {} if "://" in address else {"_node_ip_address": own_address}
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR",
+                 runtime_env={"working_dir": str(code), "env_vars": env}, **here)  # fmt: skip
     try:
         profile = _profile(params, ray)
         wanted = resources(profile, cpus)
