@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -249,13 +250,24 @@ def test_a_study_runs_on_a_two_node_ray_cluster_with_a_node_killed_mid_cell(
             killed = wait_for(checkpointed_on_worker, 300, "a checkpoint of a cell on the node")
             _kill_node(worker_id)
 
+            def retry_started() -> bool:
+                """The killed cell's stage runs again (on the head; cheap to look for)."""
+                assert driver.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.5)
+                for process in psutil.process_iter(["cmdline"]):
+                    args = process.info["cmdline"] or []
+                    if "pipeline/study.py" in args and args[-1] == killed:
+                        return True
+                return False
+
             def shows_retried() -> bool:
                 assert driver.poll() is None, "the study ended before its retry was seen"
                 rows = ns.run([*CLI, "study", "status", STUDY], repo, env).stdout.splitlines()
                 row = next(line for line in rows if line.startswith(killed))
                 return " retried " in row and "attempt 2" in row
 
-            wait_for(shows_retried, 300, "`study status` to show the killed cell retried")
+            wait_for(retry_started, 600, "the killed cell to run again")
+            wait_for(shows_retried, 120, "`study status` to show the killed cell retried")
             assert driver.wait(600) == 0, log.read_text()[-5000:]
         report = log.read_text()
         assert "3 of 3" not in report and "0 failed" in report, report[-3000:]

@@ -80,13 +80,6 @@ class CheckpointStore:
         self.fs.pipe_file(posixpath.join(folder, f"{number}.json"), json.dumps(record).encode())
         return number
 
-    def attempts(self) -> list[dict[str, Any]]:
-        folder = posixpath.join(self.base, "attempts")
-        if not self.fs.exists(folder):
-            return []
-        names = sorted(self.fs.ls(folder, detail=False))
-        return [json.loads(self.fs.cat_file(name)) for name in names]
-
     def restore(self, path: Path) -> bool:
         """Copy the stored checkpoint to ``path``; False when there is none."""
         if not self.fs.exists(self.checkpoint):
