@@ -608,9 +608,9 @@ def study_run(
 
     chosen = get_study(study)
     names = [name.strip() for name in cells.split(",") if name.strip()] if cells else None
-    selected = study_cells.select(chosen, names)
     root = repo_root()
     if cluster is None:
+        selected = study_cells.select(chosen, names)
         params = study_cells.overridden_params(root, set_param or [])
         if set_param:
             atomic_write(root / "params.yaml", lambda tmp: tmp.write_text(params))

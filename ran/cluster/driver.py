@@ -190,9 +190,9 @@ class Journal:
 # -- checks on the cluster --------------------------------------------------------------
 
 
-def check_resources(ray: Any, wanted: dict[str, float], profile: str) -> None:
-    """Some node must have what one cell asks for."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+def check_resources(nodes: list[dict[str, Any]], wanted: dict[str, float], profile: str) -> None:
+    """Some node (of ``nodes``, Ray's alive ones) must have what one cell asks for."""
+    nodes = [n["Resources"] for n in nodes]
     fits = any(
         r.get("CPU", 0) >= wanted["num_cpus"] and r.get("GPU", 0) >= wanted["num_gpus"]
         for r in nodes
@@ -223,13 +223,12 @@ def expected_versions() -> dict[str, str]:
     }
 
 
-def check_nodes(ray: Any) -> None:
-    """Every alive node imports the code's dependencies at the driver's versions."""
+def check_nodes(ray: Any, nodes: list[dict[str, Any]]) -> None:
+    """Every node of ``nodes`` imports the code's dependencies at the driver's versions."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     remote_probe = ray.remote(probe)
     expected = expected_versions()
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
     answers = [
         remote_probe.options(
             num_cpus=0,
@@ -289,10 +288,11 @@ def run_study(
         ray.init(address=address, log_to_driver=False, logging_level="ERROR",
                  runtime_env={"working_dir": str(code), "env_vars": env}, **here)  # fmt: skip
     try:
-        profile = _profile(params, ray)
+        nodes = [node for node in ray.nodes() if node.get("Alive")]
+        profile = _profile(params, nodes)
         wanted = resources(profile, cpus)
-        check_resources(ray, wanted, profile)
-        check_nodes(ray)
+        check_resources(nodes, wanted, profile)
+        check_nodes(ray, nodes)
         if overrides:
             atomic_write(root / "params.yaml", lambda tmp: tmp.write_text(params))
         finished = study_cells.done(root, study, chosen)
@@ -323,10 +323,10 @@ def _remote(remote: str | None) -> list[str]:
     return ["-r", remote] if remote else []
 
 
-def _profile(params: str, ray: Any) -> str:
+def _profile(params: str, nodes: list[dict[str, Any]]) -> str:
     """The profile the cells' stages will pick on the nodes: ``auto`` is the paper's on a
     cluster with GPUs (the stage resolves it so on a GPU node), else the quick one."""
-    has_gpu = any(n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive"))
+    has_gpu = any(n["Resources"].get("GPU", 0) for n in nodes)
     return resolve_profile(yaml.safe_load(params).get("profile", "auto"), has_gpu)
 
 
