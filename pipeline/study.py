@@ -1,6 +1,7 @@
-"""DVC stages of ``studies/dvc.yaml``: one study cell (noise → train → evaluate).
+"""DVC stages of ``studies/dvc.yaml``: one study cell (noise → train → evaluate, per seed).
 
-Usage: ``python pipeline/study.py STUDY CELL`` → data/studies/STUDY/CELL/{noise,train,evaluate}.
+Usage: ``python pipeline/study.py STUDY CELL`` →
+data/studies/STUDY/CELL/seed-K/{noise,train,evaluate} for each seed K (``studies.<profile>.seeds``).
 """
 
 import sys

@@ -325,6 +325,13 @@ def predict(
     flip: Annotated[
         bool, typer.Option(help="average each image's and its mirror's prediction")
     ] = False,
+    translate: Annotated[
+        bool,
+        typer.Option(
+            help="also average over the image shifted a pixel up-left and down-right "
+            "(evaluate.translate; the quick profile's test-time averaging with --flip)"
+        ),
+    ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 64,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
 ) -> None:
@@ -333,7 +340,7 @@ def predict(
     from ran.inference.predict import predict_files
     from ran.inference.predictor import load_predictor
 
-    predictor = load_predictor(model, str(pick_device(device)), flip)
+    predictor = load_predictor(model, str(pick_device(device)), flip, translate)
     result = predict_files(predictor, paths, top, batch_size, skip_bad, masks)
     if as_json:
         print(json.dumps(result.rows))
@@ -390,7 +397,7 @@ def serve(
 STUDY_NAMES = "noise, arl-nal, attention, mask, vitmask"
 REPORT_HELP = """Tabulate a study's cells beside the paper's numbers.
 
-Reads the study's finished evaluate runs from MLflow (by their study, cell and profile tags) and writes OUT/report.md (our top-1 error beside the paper's for every cell, whether each row keeps the paper's ordering, the runs' links), OUT/report.png and OUT/results.json, logged to MLflow. A cell without a finished run shows as missing.
+Reads the study's finished evaluate runs from MLflow (by their study, cell, seed and profile tags; the newest of each of the studies.<profile>.seeds seeds) and writes OUT/report.md (our mean top-1 error ± its spread over seeds beside the paper's for every cell; per row whether the paper's ordering holds, is reversed or is inconclusive, by a paired bootstrap over seeds and test images; the runs' links), OUT/report.png (with error bars) and OUT/results.json, logged to MLflow. A cell without a finished run shows as missing.
 
 Run a study's cells with: dvc repro --keep-going studies/dvc.yaml:STUDY (which also writes this report).
 """  # noqa: E501 - one line per paragraph: the help formatter wraps them

@@ -173,10 +173,11 @@ class PriorParams(_Params):
     seed: int = Field(0, description="seeds the random weights of init random")
 
 
-Family = Literal["attention", "resnet", "vitmask"]
-Schedule = Literal["step", "cosine", "onecycle"]
+Family = Literal["attention", "resnet", "plain", "vitmask"]
+Schedule = Literal["step", "cosine", "onecycle", "linear"]
 PROFILES = ("paper", "quick")
-DEFAULT_DEPTHS = {"attention": 92, "resnet": 164, "vitmask": 8}  # a family's usual depth
+# a family's usual depth
+DEFAULT_DEPTHS = {"attention": 92, "resnet": 164, "plain": 8, "vitmask": 8}
 
 
 class TrainParams(_Params):
@@ -197,7 +198,9 @@ class TrainParams(_Params):
         return values
 
     family: Family = Field(
-        "attention", description="network family: attention | resnet | vitmask (needs a prior)"
+        "attention",
+        description="network family: attention | resnet | plain (airbench94's network: "
+        "attention-8 without its attention modules) | vitmask (needs a prior)",
     )
     depth: int = Field(
         92,
@@ -230,16 +233,35 @@ class TrainParams(_Params):
     batch_size: int = Field(64, ge=1, description="images per step (all processes together)")
     lr: float = Field(0.1, gt=0, description="peak learning rate")
     schedule: Schedule = Field(
-        "step", description="step (÷10 at milestones) | cosine (with warm-up) | onecycle"
+        "step",
+        description="step (÷10 at milestones) | cosine (with warm-up) | onecycle | linear "
+        "(airbench94's: from 0.2·lr up to lr over the warm-up, then down to 0.07·lr)",
     )
     milestones: list[int] | None = Field(
         None, description="step schedule: iterations where lr is divided by 10"
     )
-    warmup: int = Field(0, ge=0, description="cosine: linear warm-up iterations")
+    warmup: int = Field(0, ge=0, description="cosine, linear: warm-up iterations")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (Nesterov) | adamw")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum / AdamW beta1")
     nesterov: bool = Field(True, description="Nesterov momentum for SGD")
     weight_decay: float = Field(1e-4, ge=0, description="L2 weight decay")
+    norm_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        description="learning-rate multiplier of BatchNorm parameters, their weight decay "
+        "divided alike (airbench94: 64)",
+    )
+    freeze_norm_scale: bool = Field(
+        False, description="keep every BatchNorm scale at 1, learn only its shift (airbench94)"
+    )
+    lookahead: bool = Field(
+        False,
+        description="airbench94's lookahead: every 5 steps the weights move to an EMA of "
+        "themselves whose decay grows to 1 over training",
+    )
+    crop_padding: int = Field(
+        4, ge=0, description="small images: pixels of padding for the random translate crop"
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing (0: off)")
     mixup: float = Field(0.0, ge=0, description="mixup Beta(a, a) parameter a (0: off)")
     random_erasing: float = Field(
@@ -259,7 +281,9 @@ class TrainParams(_Params):
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda[:N]"
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on GPUs that have it, else fp16 (+grad scaler); fp32 on CPU"
+        "auto",
+        description="auto: bf16 on GPUs that have it, else fp16 (+grad scaler); on a CPU bf16 "
+        "where it computes bf16 natively (AVX-512 BF16, AMX), else fp32",
     )
     channels_last: bool = Field(True, description="channels-last memory format")
     compile: bool = Field(False, description="torch.compile the model")
@@ -286,6 +310,11 @@ class EvaluateParams(_Params):
         None, ge=8, description="test-time side (px); unset: the training size (paper: 320)"
     )
     flip: bool = Field(False, description="average the predictions of the image and its mirror")
+    translate: bool = Field(
+        False,
+        description="also average over the image shifted one pixel up-left and down-right "
+        "(airbench94's test-time augmentation; with flip, their mirrors too)",
+    )
     batch_size: int = Field(256, ge=1, description="images per forward pass")
     masks: int = Field(8, ge=0, description="test images whose attention masks are drawn")
     device: str = Field(
@@ -324,6 +353,22 @@ def profiled_section(
     for overlay in overlays:
         values |= overlay
     return parse(model, values, section)
+
+
+class StudySeeds(_Params):
+    """How many seeds every cell of a study runs (``studies.<profile>.seeds``)."""
+
+    seeds: int = Field(
+        1, ge=1, strict=True, description="runs of each cell, seed k offsetting train and noise"
+    )
+
+
+def study_seeds(profile: str, path: Path = PARAMS_FILE) -> int:
+    """``params.yaml``'s ``studies.<profile>.seeds`` (1 when unset), validated: a bad count
+    is one line naming the key."""
+    values = (_read_params(path).get("studies") or {}).get(profile) or {}
+    seeds = {"seeds": values["seeds"]} if "seeds" in values else {}
+    return parse(StudySeeds, seeds, f"studies.{profile}").seeds
 
 
 def study_overlay(

@@ -118,7 +118,9 @@ def evaluate(
     top1 = top5 = total = 0
     matrix = np.zeros((k, k), dtype=np.int64)
     predictions = []
-    for logits, labels, index in scored_batches(model, loader, spec, flip=params.flip, prior=maps):
+    for logits, labels, index in scored_batches(
+        model, loader, spec, flip=params.flip, prior=maps, translate=params.translate
+    ):
         labels = labels.to(logits.device)
         best = logits.topk(min(5, k), dim=1).indices
         top1 += int((best[:, 0] == labels).sum())
@@ -142,6 +144,7 @@ def evaluate(
         "test_records": total,
         "image_size": spec.side,
         "flip": params.flip,
+        "translate": params.translate,
     }
     with staged_output(out) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -179,13 +182,15 @@ def tracked_evaluate(
     logged["prior"] = str(prior) if prior else None
     with tracked_stage("evaluate", experiment, logged, out, tags={**(tags or {}), **link}) as run:
         metrics = evaluate(model, record, model_path, data, out, params, prior)
-        log_metrics({k: float(v) for k, v in metrics.items() if k != "flip"})
+        log_metrics({k: float(v) for k, v in metrics.items() if k not in ("flip", "translate")})
         log_outputs(out, (*OUTPUTS, "masks"))
         trained = ""
         if train_run:
             page = f"#/experiments/{run.info.experiment_id}/runs/{train_run}"
             trained = f" (the model of training run [`{train_run}`]({page}))"
-        flip = " with flip averaging" if params.flip else ""
+        views = {"flip": params.flip, "translate": params.translate}
+        averaged = " and ".join(name for name, on in views.items() if on)
+        flip = f" with {averaged} averaging" if averaged else ""
         describe(
             f"Scores `{model_path}`{trained} on the {metrics['test_records']} test images of "
             f"`{data}`{flip}: top-1 {metrics['top1_accuracy']:.2%}, top-5 "

@@ -35,8 +35,17 @@ def prior_folder(dataset: str) -> Path:
 
 
 def cell_folder(study: str, cell: str) -> Path:
-    """A study cell's output: its noise, train and evaluate folders."""
+    """A study cell's output: one :func:`seed_folder` per seed it ran."""
     return STUDIES / study / cell
+
+
+SEED_FOLDERS = "seed-*"  # the seed folders of a cell's output, as a glob
+
+
+def seed_folder(cell: Path, seed: int) -> Path:
+    """Seed ``seed``'s run of the cell whose output is ``cell``: its noise, train and
+    evaluate folders, and the fingerprint of the inputs they were made from."""
+    return cell / f"seed-{seed}"
 
 
 def report_folder(study: str) -> Path:

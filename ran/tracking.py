@@ -335,13 +335,14 @@ def runs_page(base_url: str, experiment: str) -> str:
 
 def describe(text: str) -> None:
     """Set the active run's description (MLflow's run note): what the stage did, with what,
-    and its headline result; a study cell's run also names the study, the cell and the
-    profile (from its tags)."""
+    and its headline result; a study cell's run also names the study, the cell, the
+    profile and the seed (from its tags)."""
     tags = _current().tags
     if "study" in tags and "study.cell" in tags:
+        seed = f", seed {tags['study.seed']}" if "study.seed" in tags else ""
         text += (
             f"\n\nStudy `{tags['study']}`, cell `{tags['study.cell']}` "
-            f"({tags.get('study.profile', '?')} profile)."
+            f"({tags.get('study.profile', '?')} profile{seed})."
         )
     set_tags({NOTE: text})
 

@@ -24,7 +24,7 @@ from ran.models import (
     model_table,
 )
 from ran.models.attention import AttentionModule, EncoderDecoderMask
-from ran.models.blocks import PreActBottleneck, ResNeXtBottleneck
+from ran.models.blocks import ConvUnit, PreActBottleneck, ResNeXtBottleneck, WhiteningStem
 from ran.models.vitmask import BasicBlock
 
 VARIANTS = list_variants()
@@ -62,9 +62,10 @@ def test_variant_trains_one_step(name: str) -> None:
     assert logits.shape == (2, NUM_CLASSES)
     assert torch.isfinite(logits).all()
     logits.logsumexp(dim=1).mean().backward()
-    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    unused = [n for n, p in trained if p.grad is None]
     assert not unused, f"parameters without gradient: {unused[:5]}"
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(torch.isfinite(p.grad).all() for _, p in trained)
 
 
 @pytest.mark.parametrize(
@@ -209,13 +210,14 @@ def _main_path_units(model: nn.Module, kinds: tuple[type, ...]) -> int:
 
 @pytest.mark.parametrize("name", [v.name for v in VARIANTS])
 def test_depth_counts_the_weighted_layers(name: str) -> None:
-    """Depth = stem conv + 3 per bottleneck unit (2 per basic unit) on the main path +
-    classifier."""
+    """Depth = stem conv + 3 per bottleneck unit (2 per basic unit, 1 per airbench unit) on
+    the main path + classifier."""
     with torch.device("meta"):
         model = build_model(name)
     bottlenecks = _main_path_units(model, (PreActBottleneck, ResNeXtBottleneck, Bottleneck))
     basic = _main_path_units(model, (BasicBlock,))
-    assert 2 + 3 * bottlenecks + 2 * basic == get_variant(name).depth
+    single = _main_path_units(model, (ConvUnit,))
+    assert 2 + 3 * bottlenecks + 2 * basic + single == get_variant(name).depth
 
 
 REFERENCED = [v for v in VARIANTS if v.ref_params is not None]
@@ -260,7 +262,7 @@ def test_unknown_depth_names_the_valid_depths() -> None:
         find_variant("attention", 93, "cifar")
     message = str(error.value)
     assert message == (
-        "unknown depth 93 for attention (cifar); valid depths: 56, 92, 128, 164, 236, 452"
+        "unknown depth 93 for attention (cifar); valid depths: 8, 56, 92, 128, 164, 236, 452"
     )
     assert find_variant("attention", 92, "imagenet").name == "attention92-imagenet"
 
@@ -331,3 +333,19 @@ def test_model_table_is_cached_by_model_code(
     (source / "ran.py").write_text("# changed model code\n")
     monkeypatch.setattr(cached, "MODELS_SOURCE", source)
     assert cached.model_table() == first and len(calls) == 2  # new code: measured again
+
+
+def test_whitening_stem_decorrelates_the_patches_it_was_fitted_to() -> None:
+    """airbench94's stem: its 12 filters map 2x2 patches of correlated colours and
+    neighbouring pixels to unit, uncorrelated features; the other 12 are their negatives."""
+    torch.manual_seed(0)
+    images = torch.einsum("ij,njhw->nihw", torch.randn(3, 3), torch.randn(64, 3, 16, 16))
+    images = images + 0.8 * images.roll(1, dims=3) + 0.5 * images.roll(1, dims=2)
+    stem = WhiteningStem()
+    stem.fit(images)
+    half = torch.nn.functional.conv2d(images, stem.conv.weight[:12])
+    features = half.permute(0, 2, 3, 1).reshape(-1, 12)
+    second_moment = features.T @ features / len(features)
+    assert torch.allclose(second_moment, torch.eye(12), atol=0.02)
+    assert torch.equal(stem.conv.weight[12:], -stem.conv.weight[:12])
+    assert not stem.conv.weight.requires_grad and stem.conv.bias.requires_grad

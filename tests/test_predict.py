@@ -28,7 +28,8 @@ def _predict(
 
 
 def _evaluation_probabilities(model: Path, data: Path) -> dict[int, np.ndarray]:
-    """Per test record: the class probabilities evaluation's loader and forward pass give."""
+    """Per test record: the class probabilities evaluation's loader and forward pass give,
+    with the quick profile's test-time averaging (flip and translate)."""
     from ran.data.beton import make_loader
     from ran.inference.predictor import Predictor
     from ran.inference.scoring import scored_batches
@@ -36,7 +37,8 @@ def _evaluation_probabilities(model: Path, data: Path) -> dict[int, np.ndarray]:
     predictor = Predictor.from_model_file(model / "model.pt")
     loader = make_loader(data / "val.beton", predictor.spec, 16, train=False)
     probs = {}
-    for scores, _, index in scored_batches(predictor.model, loader, predictor.spec):
+    batches = scored_batches(predictor.model, loader, predictor.spec, flip=True, translate=True)
+    for scores, _, index in batches:
         for i, row in zip(index.tolist(), scores.softmax(1).numpy(), strict=True):
             probs[i] = row
     return probs
@@ -59,7 +61,7 @@ def test_predictions_equal_evaluation_on_the_test_files(
     for a network trained on upsampled images (cut at 32 px, then upsampled as in training)."""
     trained_model = request.getfixturevalue(model)
     rows = json.loads(_predict(cifar10_small / "test", "--model", trained_model, "--json",
-                               "--top", 10).stdout)  # fmt: skip
+                               "--top", 10, "--flip", "--translate").stdout)  # fmt: skip
     expected = _evaluation_probabilities(trained_model, small_ingest)
     manifest = pd.read_parquet(small_ingest / "manifest.parquet")
     record = {

@@ -16,6 +16,9 @@ import pytest
 import torch
 from conftest import TINY_TRAIN
 
+from ran.train.lookahead import Lookahead
+from ran.train.recipe import linear_factor
+
 CLI = [sys.executable, "-m", "ran.cli"]
 pytestmark = pytest.mark.slow
 
@@ -148,7 +151,11 @@ def _checkpoint_iteration(path: Path) -> int:
 
 
 def test_kill_9_then_resume_is_bit_identical(small_ingest: Path, tmp_path: Path) -> None:
-    common = [*TINY_TRAIN, "--iterations", "16", "--checkpoint-every", "3", "--log-every", "2"]
+    """The quick profile's recipe (whitened stem, lookahead, BN groups, bf16 where the CPU
+    has it), stopped by SIGKILL and resumed, gives the uninterrupted run's weights."""
+    quick = ["--profile", "quick", "--width", "0.25", "--batch-size", "20", "--device", "cpu"]
+    common = [*quick, "--iterations", "16", "--warmup", "4", "--checkpoint-every", "3"]
+    common += ["--log-every", "2"]
     common += ["--data", small_ingest, "--mixup", "0.2", "--random-erasing", "0.5"]
     _cli("train", *common, "--out", tmp_path / "whole")
 
@@ -207,7 +214,7 @@ def test_second_run_into_the_same_folder_is_refused(small_ingest: Path, tmp_path
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--depth", "93"], "unknown depth 93 for attention (cifar); valid depths: 56, 92, 128"),
+        (["--depth", "93"], "unknown depth 93 for attention (cifar); valid depths: 8, 56, 92, 128"),
         (["--attention", "soft"], "train.attention: Input should be 'mixed', 'channel' or"),
         (["--resume"], "does not exist; start afresh without --resume"),
         (["--batch-size", "1000"], "larger than the 200 training records"),
@@ -291,3 +298,31 @@ def test_imagenet_size_data_takes_the_imagenet_variant(imagenet_tree: Path, tmp_
     metrics = json.loads(big.stdout)
     assert metrics["image_size"] == 256 and metrics["test_records"] == 100
     assert len(list((scored / "masks").glob("*.png"))) == 2
+
+
+def test_linear_schedule_is_airbench94s() -> None:
+    """0.2 -> 1 over the warm-up, then linearly down to 0.07 at the last iteration."""
+    assert linear_factor(0, 10, 110) == pytest.approx(0.2)
+    assert linear_factor(5, 10, 110) == pytest.approx(0.6)
+    assert linear_factor(10, 10, 110) == pytest.approx(1.0)
+    assert linear_factor(60, 10, 110) == pytest.approx(1 - 0.93 / 2)
+    assert linear_factor(110, 10, 110) == pytest.approx(0.07)
+
+
+def test_lookahead_pulls_the_weights_to_their_average() -> None:
+    """Every 5th step the average moves (1 - decay) of the way to the weights and the
+    weights jump to it; the last step leaves the weights at the average."""
+    model = torch.nn.Linear(2, 2)
+    start = model.weight.detach().clone()
+    lookahead = Lookahead(model, total=10)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    lookahead.after_step(4)
+    assert torch.equal(model.weight, start + 1)
+    lookahead.after_step(5)
+    decay = 0.95**5 * 0.5**3
+    assert torch.allclose(model.weight, start + (1 - decay))
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    lookahead.after_step(10)
+    assert torch.allclose(model.weight, start + (1 - decay))

@@ -5,9 +5,10 @@ lock files). The cell runs in a private copy of that folder, so cells on one nod
 share a DVC workspace:
 
 1. pull the cell's input data (the ingest output, the prior) from the DVC remote;
-2. fetch the cell's last checkpoint from the remote's storage, if an earlier attempt left
-   one, and mirror every new checkpoint there while the stage runs (a node that dies
-   loses nothing but the steps since its last checkpoint);
+2. fetch the last checkpoint of each of the cell's seeds from the remote's storage, if an
+   earlier attempt left them, and mirror every new checkpoint there while the stage runs (a
+   node that dies loses nothing of a seed in training but the steps since its last
+   checkpoint);
 3. ``dvc repro --single-item`` the cell's stage: the same stage, command and code as the
    local path, so the same seed gives the same weights;
 4. push the outputs and hand the stage's ``dvc.lock`` entry back to the driver.
@@ -31,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ran import paths
 from ran.cluster.cells import STUDIES_DVC, dvc, lock_entry
 
-CHECKPOINT = "train/checkpoint-last.pt"  # inside the cell's output folder
+CHECKPOINT = "train/checkpoint-last.pt"  # inside each seed's folder of the cell's output
 POLL_S = 0.5  # how often the mirror looks for a new checkpoint
 
 
@@ -52,14 +54,19 @@ class CellJob:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+def checkpoints(output: Path) -> list[Path]:
+    """The checkpoints of a cell's seeds in its output folder ``output``."""
+    return sorted(output.glob(f"{paths.SEED_FOLDERS}/{CHECKPOINT}"))
+
+
 class CheckpointStore:
-    """A cell's checkpoint and attempt records in the DVC remote's storage
-    (``<remote>/checkpoints/<key>/``), through the remote's own filesystem and
-    credentials (S3, a shared folder, anything DVC reaches)."""
+    """A cell's checkpoints, one per seed, and attempt records in the DVC remote's storage
+    (``<remote>/checkpoints/<key>/``, a seed's checkpoint at ``seed-<k>/train/...`` as in
+    the cell's output), through the remote's own filesystem and credentials (S3, a shared
+    folder, anything DVC reaches)."""
 
     def __init__(self, fs: Any, base: str) -> None:
         self.fs, self.base = fs, base
-        self.checkpoint = posixpath.join(base, "checkpoint-last.pt")
 
     @classmethod
     def of(cls, repo: Path, remote: str | None, key: str) -> CheckpointStore:
@@ -80,43 +87,58 @@ class CheckpointStore:
         self.fs.pipe_file(posixpath.join(folder, f"{number}.json"), json.dumps(record).encode())
         return number
 
-    def restore(self, path: Path) -> bool:
-        """Copy the stored checkpoint to ``path``; False when there is none."""
-        if not self.fs.exists(self.checkpoint):
-            return False
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(f".{path.name}.part")
-        self.fs.get_file(self.checkpoint, str(part))
-        part.replace(path)
-        return True
+    def stored(self) -> dict[str, str]:
+        """The stored checkpoints: each one's path in a cell's output → its path here."""
+        found = self.fs.glob(posixpath.join(self.base, paths.SEED_FOLDERS, CHECKPOINT))
+        # the last three parts (seed-<k>/train/checkpoint-last.pt), however fs spells the base
+        return {"/".join(path.split("/")[-3:]): path for path in found}
 
-    def upload(self, path: Path, scratch: Path) -> None:
-        """Store a snapshot of ``path`` (copied first: the trainer may replace it meanwhile),
-        whole or not at all (written beside, then moved)."""
+    def restore(self, output: Path) -> bool:
+        """Copy every stored checkpoint into the cell's output folder ``output``; False
+        when there is none."""
+        stored = self.stored()
+        for name, path in stored.items():
+            target = output / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            part = target.with_name(f".{target.name}.part")
+            self.fs.get_file(path, str(part))
+            part.replace(target)
+        return bool(stored)
+
+    def upload(self, output: Path, path: Path, scratch: Path) -> None:
+        """Store a snapshot of checkpoint ``path`` of the cell's output ``output`` (copied
+        first: the trainer may replace it meanwhile), whole or not at all (written beside,
+        then moved)."""
         snapshot = scratch / "checkpoint.upload"
         shutil.copyfile(path, snapshot)
-        part = f"{self.checkpoint}.part"
-        self.fs.put_file(str(snapshot), part)
-        self.fs.mv(part, self.checkpoint)
+        stored = posixpath.join(self.base, path.relative_to(output).as_posix())
+        self.fs.makedirs(posixpath.dirname(stored), exist_ok=True)
+        self.fs.put_file(str(snapshot), f"{stored}.part")
+        self.fs.mv(f"{stored}.part", stored)
 
     @contextmanager
-    def mirror(self, path: Path, scratch: Path) -> Iterator[None]:
-        """While the block runs, store every new version of the checkpoint ``path``."""
+    def mirror(self, output: Path, scratch: Path) -> Iterator[None]:
+        """While the block runs, store every new version of each seed's checkpoint in the
+        cell's output folder ``output``."""
         stop = threading.Event()
 
-        def version() -> int | None:
-            try:
-                return path.stat().st_mtime_ns
-            except FileNotFoundError:
-                return None
+        def versions() -> dict[Path, int]:
+            found = {}
+            for path in checkpoints(output):
+                try:
+                    found[path] = path.stat().st_mtime_ns
+                except FileNotFoundError:  # replaced meanwhile: seen at the next look
+                    continue
+            return found
+
+        stored = versions()  # before the block starts: those are stored already
 
         def watch() -> None:
-            stored = version()
             while not stop.wait(POLL_S):
-                now = version()
-                if now is not None and now != stored:
-                    self.upload(path, scratch)
-                    stored = now
+                for path, version in versions().items():
+                    if stored.get(path) != version:
+                        self.upload(output, path, scratch)
+                        stored[path] = version
 
         thread = threading.Thread(target=watch, name="checkpoint-mirror", daemon=True)
         thread.start()
@@ -127,13 +149,13 @@ class CheckpointStore:
             thread.join()
 
     def clear(self) -> None:
-        """The cell is done and pushed: its checkpoint is no longer needed."""
-        if self.fs.exists(self.checkpoint):
-            self.fs.rm(self.checkpoint)
+        """The cell is done and pushed: its checkpoints are no longer needed."""
+        for path in self.stored().values():
+            self.fs.rm(path)
 
 
 def run_cell(job: CellJob) -> dict[str, Any]:
-    """The Ray task: run ``job``'s cell on this node; returns its lock entry and metrics."""
+    """The Ray task: run ``job``'s cell on this node; returns its lock entry and attempt."""
     import os
 
     import ray
@@ -149,13 +171,12 @@ def run_cell(job: CellJob) -> dict[str, Any]:
         tags = {**job.tags, "study.attempt": str(attempt), "ray.node_id": node}
         env = {**os.environ, "RAN_RUN_TAGS": json.dumps(tags), "RAN_GIT_COMMIT": job.commit}
         dvc(work, "pull", *remote, *job.inputs, what=f"pulling {', '.join(job.inputs)}")
-        checkpoint = work / job.output / CHECKPOINT
-        resumed = store.restore(checkpoint)
+        output = work / job.output
+        resumed = store.restore(output)
         stage = f"{STUDIES_DVC}:{job.stage}"
-        with store.mirror(checkpoint, scratch):
+        with store.mirror(output, scratch):
             dvc(work, "repro", "--single-item", stage, what=f"cell {job.cell}", env=env)
         dvc(work, "push", *remote, stage, what=f"pushing cell {job.cell}")
-        metrics = json.loads((work / job.output / "evaluate" / "metrics.json").read_text())
         entry = lock_entry(work, job.stage)
         store.clear()
     return {
@@ -165,7 +186,6 @@ def run_cell(job: CellJob) -> dict[str, Any]:
         "attempt": attempt,
         "resumed": resumed,
         "node": node,
-        "top1_accuracy": metrics.get("top1_accuracy"),
     }
 
 

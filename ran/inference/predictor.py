@@ -40,16 +40,17 @@ class Predictor:
     model: torch.nn.Module
     record: dict[str, Any]
     flip: bool = False
+    translate: bool = False  # airbench94's test-time shifts (ran.inference.scoring)
 
     @classmethod
-    def from_model_file(cls, path: Path, flip: bool = False) -> Predictor:
+    def from_model_file(cls, path: Path, flip: bool = False, translate: bool = False) -> Predictor:
         model, record = load_model(path)
         if getattr(model, "takes_prior", False):
             raise RanError(
                 f"{path} is a vitmask network: it needs a ViT prior map per image, which "
                 "predict and serve do not compute; score it with `ran-cli evaluate --prior`"
             )
-        return cls(model.to(memory_format=torch.channels_last), record, flip)
+        return cls(model.to(memory_format=torch.channels_last), record, flip, translate)
 
     @property
     def classes(self) -> list[str]:
@@ -83,7 +84,8 @@ class Predictor:
         """Class probabilities (N×K, float32 on the CPU) of a ``uint8`` input batch."""
         with torch.inference_mode():
             x = network_view(batch.to(self.device), self.spec)
-            return class_scores(self.model, x, self.flip).softmax(1).cpu()
+            scores = class_scores(self.model, x, self.flip, translate=self.translate)
+            return scores.softmax(1).cpu()
 
     def top(self, probs: torch.Tensor, k: int = TOP) -> list[dict[str, list]]:
         """Per image: the ``k`` likeliest class names and their probabilities."""
@@ -139,8 +141,11 @@ def is_mlflow_uri(model: str) -> bool:
     return "://" in model or model.startswith(("models:/", "runs:/"))
 
 
-def load_predictor(model: str, device: str = "cpu", flip: bool = False) -> Predictor:
-    """``model``: a ``model.pt``, a training output folder, an MLflow model folder or URI."""
+def load_predictor(
+    model: str, device: str = "cpu", flip: bool = False, translate: bool = False
+) -> Predictor:
+    """``model``: a ``model.pt``, a training output folder, an MLflow model folder or URI;
+    ``flip`` and ``translate``: the test-time averaging, as ``evaluate`` takes them."""
     path = Path(model)
     if not is_mlflow_uri(model) and not (path / "MLmodel").is_file():
         if path.is_dir():
@@ -150,7 +155,7 @@ def load_predictor(model: str, device: str = "cpu", flip: bool = False) -> Predi
                 f"model {model} does not exist; pass a model.pt, a `ran-cli train` output "
                 "folder or an MLflow model URI (models:/NAME/VERSION)"
             )
-        predictor = Predictor.from_model_file(path, flip)
+        predictor = Predictor.from_model_file(path, flip, translate)
         return predictor.to(device)
     import mlflow
 
@@ -160,7 +165,7 @@ def load_predictor(model: str, device: str = "cpu", flip: bool = False) -> Predi
     if not hasattr(image_model, "predictor"):
         raise RanError(f"{model} is not an image model of this project; pass one `train` logged")
     predictor = image_model.predictor
-    predictor.flip = flip
+    predictor.flip, predictor.translate = flip, translate
     return predictor.to(device)
 
 

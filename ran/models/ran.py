@@ -26,10 +26,17 @@ import torch
 from torch import nn
 
 from ran.models.attention import AttentionFunction, AttentionModule, MaskStructure
-from ran.models.blocks import PreActBottleneck, ResNeXtBottleneck, Unit, conv3x3
+from ran.models.blocks import (
+    ConvUnit,
+    PreActBottleneck,
+    ResNeXtBottleneck,
+    Unit,
+    WhiteningStem,
+    conv3x3,
+)
 from ran.models.registry import Variant, register
 
-Stem = Literal["cifar", "imagenet"]
+Stem = Literal["cifar", "imagenet", "whiten"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,9 @@ class NetConfig:
     p: int = 1
     t: int = 2
     r: int = 1
+    pool: Literal["avg", "max"] = "avg"  # the global pooling before the classifier
+    logit_scale: float = 1.0  # airbench94 scales its logits by 1/9
+    bn_momentum: float = 0.1  # torch's default; airbench94's BN statistics follow faster (0.4)
 
 
 def _scaled(channels: int, width: float, step: int) -> int:
@@ -63,10 +73,13 @@ def _scaled(channels: int, width: float, step: int) -> int:
     return max(step, round(channels * width / step) * step)
 
 
-def _stem(kind: Stem, width: int, preact: bool) -> nn.Sequential:
+def _stem(kind: Stem, width: int, preact: bool) -> nn.Module:
     """ImageNet: conv7x7/2-BN-ReLU-maxpool3x3/2 (Caffe ceil rounding, 224 -> 56 px).
     CIFAR: one conv3x3 (ResNet-164), followed by BN-ReLU only for post-activation units,
-    whose first convolution reads its input as-is."""
+    whose first convolution reads its input as-is. Whiten: airbench94's data-fitted 2x2
+    patch whitening (its width is fixed: 24)."""
+    if kind == "whiten":
+        return WhiteningStem()
     if kind == "imagenet":
         return nn.Sequential(
             nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False),
@@ -102,6 +115,8 @@ class ResidualAttentionNet(nn.Module):
         super().__init__()
         unit = config.unit
         stem_width = _scaled(config.stem_width, width, 1)
+        if config.stem == "whiten":
+            stem_width = WhiteningStem.width
         self.stem = _stem(config.stem, stem_width, unit.preact)
         body: list[nn.Module] = []
         channels = stem_width
@@ -131,15 +146,32 @@ class ResidualAttentionNet(nn.Module):
             if unit.preact
             else nn.Identity()
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AdaptiveAvgPool2d(1) if config.pool == "avg" else nn.AdaptiveMaxPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
+        self.logit_scale, self.bn_momentum = config.logit_scale, config.bn_momentum
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """He initialisation for convolutions, as in the paper's training setup."""
+        """He initialisation for convolutions, as in the paper's training setup; a unit with
+        its own scheme (airbench's identity-started convolutions) applies it afterwards."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        for module in self.modules():
+            if hasattr(module, "init_weights"):
+                module.init_weights()
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = self.bn_momentum
+
+    @property
+    def fits_to_data(self) -> bool:
+        """Whether part of the network (a whitening stem) is initialised from data."""
+        return isinstance(self.stem, WhiteningStem)
+
+    def fit_to_data(self, images: torch.Tensor) -> None:
+        """Fit the whitening stem to normalised training ``images``: trainers call it once,
+        before step one, when :attr:`fits_to_data`."""
+        self.stem.fit(images)
 
     def forward(
         self, x: torch.Tensor, return_masks: bool = False
@@ -150,6 +182,8 @@ class ResidualAttentionNet(nn.Module):
             x = block(x, masks) if isinstance(block, AttentionModule) else block(x)
         x = self.pool(self.final(x)).flatten(1)
         logits = self.fc(x)
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
         return (logits, masks) if masks is not None else logits
 
 
@@ -245,5 +279,45 @@ register(
         _plain_builder(NetConfig("cifar", 16, PreActBottleneck, _cifar_stages(0, (17, 17, 17)))),
         ref_params=1.7,
         ref_source="He et al. 2016",
+    )
+)
+
+
+# The quick profile's networks: airbench94's layout (K. Jordan's cifar10-airbench: a
+# whitening stem, then at widths 64/256/256 a conv-pool-BN-GELU transition and one
+# conv-BN-GELU unit, max-pooled, logits scaled by 1/9) with that unit as the trunk of an
+# attention module whose mask pools once (the maps are 15, 7 and 3 px at 32 px input).
+# depth = stem + 3 x (transition + (2p + t) x modules) + classifier = 8.
+_FAST = dict(p=0, t=1, r=1, pool="max", logit_scale=1 / 9, bn_momentum=0.4)
+register(
+    Variant(
+        "attention",
+        8,
+        "cifar",
+        _attention_builder(
+            NetConfig(
+                "whiten",
+                24,
+                ConvUnit,
+                tuple(Stage(w, 2, modules=1, levels=1) for w in (64, 256, 256)),
+                **_FAST,
+            )
+        ),
+        ref_source="airbench94's layout with attention modules (this project)",
+    )
+)
+# The same table without attention modules: airbench94's network itself, the quick
+# studies' baseline column.
+register(
+    Variant(
+        "plain",
+        8,
+        "cifar",
+        _plain_builder(
+            NetConfig(
+                "whiten", 24, ConvUnit, tuple(Stage(w, 2, plain=1) for w in (64, 256, 256)), **_FAST
+            )
+        ),
+        ref_source="airbench94 (K. Jordan, cifar10-airbench)",
     )
 )

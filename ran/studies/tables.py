@@ -12,7 +12,7 @@ same cell names (a test keeps the two in step).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ran.errors import RanError
@@ -23,11 +23,15 @@ CLEAN: Setting = {"noise": {"kind": "none", "rate": 0.0}}
 
 @dataclass(frozen=True)
 class Axis:
-    """One row or column: a slug for file and stage names, a label for tables, a setting."""
+    """One row or column: a slug for file and stage names, a label for tables, a setting,
+    and what the quick profile sets instead (``quick``: its stand-in for a paper network,
+    named ``quick_label``), since the paper's networks do not train on a CPU in minutes."""
 
     slug: str
     label: str
     setting: Setting
+    quick: Setting = field(default_factory=dict)
+    quick_label: str = ""
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,11 @@ class Cell:
     column: str
     setting: Setting
     paper_error: float | None
+    quick: Setting = field(default_factory=dict)
+
+    def setting_for(self, profile: str) -> Setting:
+        """What the cell sets under ``profile``: the quick profile's stand-ins laid over."""
+        return _merge(self.setting, self.quick) if profile == "quick" else self.setting
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,7 @@ class Study:
                     column.label,
                     _merge(row.setting, column.setting),
                     self.paper[r][c],
+                    _merge(row.quick, column.quick),
                 )
                 for c, column in enumerate(self.columns)
             ]
@@ -72,6 +82,11 @@ class Study:
     @property
     def cells(self) -> list[Cell]:
         return [cell for row in self.grid for cell in row]
+
+    def stand_ins(self) -> list[tuple[str, str]]:
+        """(paper network, the quick profile's stand-in) for every axis that has one."""
+        axes = (*self.rows, *self.columns)
+        return [(axis.label, axis.quick_label) for axis in axes if axis.quick_label]
 
     def cell(self, name: str) -> Cell:
         for cell in self.cells:
@@ -93,8 +108,37 @@ def _attention(depth: int, **train: Any) -> Setting:
     return {"train": {"family": "attention", "depth": depth, **train}}
 
 
+# The quick profile's stand-ins. Attention-8 (the quick profile's network) for an attention
+# network whose depth is not what a study varies, and Plain-8 (the same table without its
+# attention modules: airbench94's network) for ResNet-164, so a quick cell takes minutes.
+ATTENTION8 = {"quick": _attention(8), "quick_label": "Attention-8"}
+PLAIN8 = {"quick": {"train": {"family": "plain", "depth": 8}}, "quick_label": "Plain-8"}
+# ARL vs NAL varies the depth of the bottleneck networks, which Attention-8 cannot: their
+# quick cells keep the paper's networks at half width with the previous quick profile's
+# recipe (one-cycle SGD at batch 128, progressive resizing 16 -> 32 px; about one epoch).
+BOTTLENECK_QUICK: dict[str, Any] = {
+    "width": 0.5,
+    "iterations": 400,
+    "batch_size": 128,
+    "lr": 0.2,
+    "schedule": "onecycle",
+    "warmup": 0,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "norm_lr_scale": 1.0,
+    "freeze_norm_scale": False,
+    "lookahead": False,
+    "label_smoothing": 0.1,
+    "crop_padding": 4,
+    "min_side": 16,
+    "ramp_start": 0.4,
+    "ramp_end": 0.9,
+}
+
+
 def _single_row(depth: int) -> tuple[Axis, ...]:
-    return (Axis(f"attention{depth}", f"Attention-{depth}", _merge(CLEAN, _attention(depth))),)
+    setting = _merge(CLEAN, _attention(depth))
+    return (Axis(f"attention{depth}", f"Attention-{depth}", setting, **ATTENTION8),)
 
 
 STUDIES = {
@@ -115,8 +159,13 @@ STUDIES = {
                 for rate in (0.1, 0.3, 0.5, 0.7)
             ),
             columns=(
-                Axis("attention92", "Attention-92", _attention(92)),
-                Axis("resnet164", "ResNet-164", {"train": {"family": "resnet", "depth": 164}}),
+                Axis("attention92", "Attention-92", _attention(92), **ATTENTION8),
+                Axis(
+                    "resnet164",
+                    "ResNet-164",
+                    {"train": {"family": "resnet", "depth": 164}},
+                    **PLAIN8,
+                ),
             ),
             paper=((5.15, 5.93), (5.79, 6.61), (7.27, 8.35), (15.75, 17.21)),
         ),
@@ -127,7 +176,12 @@ STUDIES = {
             row_label="network",
             claim="ARL beats NAL at every depth, and more so the deeper the network",
             rows=tuple(
-                Axis(f"attention{depth}", f"Attention-{depth}", _merge(CLEAN, _attention(depth)))
+                Axis(
+                    f"attention{depth}",
+                    f"Attention-{depth}",
+                    _merge(CLEAN, _attention(depth)),
+                    quick={"train": BOTTLENECK_QUICK},
+                )
                 for depth in (56, 92, 128, 164)
             ),
             columns=(
@@ -185,6 +239,11 @@ VITMASK_RECIPE: dict[str, Any] = {
     "min_side": None,
     "width": 1.0,
     "holdout": 5000,
+    # not the quick profile's airbench94 recipe, whatever the profile
+    "norm_lr_scale": 1.0,
+    "freeze_norm_scale": False,
+    "lookahead": False,
+    "crop_padding": 4,
 }
 
 

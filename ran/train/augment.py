@@ -189,7 +189,11 @@ class BatchTransform:
     def __init__(self, spec: LoaderSpec, params: TrainParams, seed: int) -> None:
         self.spec, self.seed, self.erasing = spec, seed, params.random_erasing
         self.params, self.full = params, network_side(spec, params.upsample)
-        self.geometry = PadCropFlip(spec.side) if spec.small_images else ResizedCropFlip(spec.side)
+        self.geometry = (
+            PadCropFlip(spec.side, params.crop_padding)
+            if spec.small_images
+            else ResizedCropFlip(spec.side)
+        )
 
     def side(self, progress: float) -> int:
         """Progressive resizing (as ffcv-imagenet does it): ``min_side`` until ``ramp_start``

@@ -27,7 +27,7 @@ from ran.config import TrainParams
 from ran.data.beton import LoaderSpec, make_loader, read_records
 from ran.data.meta import read_meta
 from ran.data.sources import sha256_file
-from ran.data.transforms import network_side
+from ran.data.transforms import network_side, network_view
 from ran.errors import RanError
 from ran.inference.scoring import scored_batches
 from ran.modelfile import FORMAT
@@ -37,12 +37,14 @@ from ran.train import checkpoint
 from ran.train.augment import BatchTransform
 from ran.train.data import holdout_split, load_labels, seeded_order
 from ran.train.distributed import Context
+from ran.train.lookahead import Lookahead
 from ran.train.recipe import Recipe, make_optimizer, make_schedule, model_options
 
 # Settings that change how a run computes, not what it computes: a run may resume with
 # other values of these.
 NOT_FINGERPRINTED = {"checkpoint_every", "log_every", "eval_every", "device", "num_workers"}
 NOT_FINGERPRINTED |= {"compile", "register_model"}
+WHITENING_IMAGES = 5000  # records a whitening stem is fitted to (airbench94's count)
 
 
 @dataclass
@@ -96,10 +98,20 @@ class Window:
         self.steps, self.start = 0, time.perf_counter()
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic in hardware (AVX-512 BF16 or AMX). Elsewhere
+    oneDNN emulates it, slower than fp32; where it has it, a CPU step takes about half the
+    time of fp32's (docs/train.md, "Quick profile")."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """None: fp32. ``auto``: bf16 on GPUs that have it, else fp16; fp32 on the CPU."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    """None: fp32. ``auto``: bf16 on GPUs that have it, else fp16; on a CPU, bf16 where it
+    computes bf16 natively, else fp32."""
+    if precision == "fp32":
         return None
+    if precision == "auto" and device.type != "cuda":
+        return torch.bfloat16 if cpu_computes_bf16() else None
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -162,8 +174,11 @@ class Trainer:
         model = build_model(self.arch["variant"], self.arch["num_classes"], **self.arch["options"])
         memory = torch.channels_last if p.channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=memory)
+        if getattr(model, "fits_to_data", False):
+            model.fit_to_data(self.first_train_images(WHITENING_IMAGES))
         self.optimizer = make_optimizer(p, self.model)
         self.schedule = make_schedule(p, self.recipe, self.optimizer)
+        self.lookahead = Lookahead(self.model, self.recipe.iterations) if p.lookahead else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.step_model: torch.nn.Module = self.model
         if self.ctx.world > 1:
@@ -209,6 +224,22 @@ class Trainer:
         )
         self.labels_on_device = torch.from_numpy(np.array(self.labels)).to(device)
 
+    def first_train_images(self, count: int) -> torch.Tensor:
+        """The first ``count`` training records, normalised, unaugmented, at the network's
+        side: what a whitening stem is fitted to (the same records on every process)."""
+        indices = self.train_indices[:count]
+        loader = make_loader(
+            self.data / "train.beton",
+            self.spec,
+            256,
+            train=False,
+            num_workers=self.params.num_workers,
+            device=str(self.ctx.device),
+            indices=indices,
+        )
+        spec = replace(self.spec, side=self.network_side)
+        return torch.cat([network_view(images.to(self.ctx.device), spec) for images, *_ in loader])
+
     # -- state ------------------------------------------------------------------------
     def state_dict(self, run_id: str | None) -> dict[str, Any]:
         return {
@@ -220,6 +251,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": checkpoint.rng_state(),
+            "lookahead": self.lookahead.state_dict() if self.lookahead else None,
             "progress": asdict(self.state),
             "run_id": run_id,
         }
@@ -241,6 +273,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.lookahead:
+            self.lookahead.load_state_dict(state["lookahead"])
         checkpoint.set_rng_state(state["rng"])
         self.state = TrainState(**state["progress"])
 
@@ -272,6 +306,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.schedule.step()
+        if self.lookahead:
+            self.lookahead.after_step(self.state.iteration + 1)
         return loss.detach().float(), (logits.argmax(1) == y).sum()
 
     def _mixup_draw(self, n: int) -> tuple[float, torch.Tensor]:
