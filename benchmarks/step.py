@@ -57,7 +57,7 @@ def timed_steps(trainer: Trainer, steps: int, warmup: int) -> dict[str, float]:
             trainer.lookahead.after_step(step + 1)
         marks.append(time.perf_counter())
         if step >= warmup:
-            for phase, start, end in zip(PHASES, marks, marks[1:], strict=True):
+            for phase, start, end in zip(PHASES, marks[:-1], marks[1:], strict=True):
                 totals[phase] += end - start
             totals["images"] += len(y)
     return totals

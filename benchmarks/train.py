@@ -1,8 +1,9 @@
 """End-to-end training throughput on the CPU: loader + augmentation + step, per model, with
 the project's FFCV loader and with torchvision's ``ImageFolder`` + ``DataLoader``.
 
-For each model (the quick profile's width-0.5 Attention-56 at its batch of 128, and CIFAR
-Attention-56 and -92 at the paper's batch of 64) and each loader, the same network takes
+For each model (the previous quick profile's width-0.5 Attention-56 at its batch of 128, and
+CIFAR Attention-56 and -92 at the paper's batch of 64; ``benchmarks/step.py`` times today's
+quick profile phase by phase) and each loader, the same network takes
 ``--steps`` timed optimiser steps after ``--warmup`` untimed ones, on the real CIFAR-10
 (JPEG) data. "waiting" is the share of the step time spent waiting for the next batch.
 The two loaders of a model run in turns of ``--chunk`` steps, so background load slows
@@ -31,7 +32,7 @@ from ran.train.loop import Trainer
 
 WORKERS = 2
 MODELS = {  # name: (depth, width, batch)
-    "quick profile (attention56, width 0.5)": (56, 0.5, 128),
+    "previous quick profile (attention56, width 0.5)": (56, 0.5, 128),
     "attention56-cifar": (56, 1.0, 64),
     "attention92-cifar": (92, 1.0, 64),
 }

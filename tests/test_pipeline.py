@@ -70,12 +70,13 @@ def test_dvc_repro_runs_the_pipeline_once_and_reruns_on_param_change(project: tu
         notes["ingest"][0].startswith("Ingests cifar10 from ") and "200 train" in notes["ingest"][0]
     )
     assert notes["noise"][0].startswith("Writes the train labels of `data/ingest`")
-    assert all(n.startswith("Trains attention56-cifar (") for n in notes["train"])
+    assert all(n.startswith("Trains attention8-cifar (") for n in notes["train"])
     assert all(
         n.startswith("Scores `data/train/model.pt` (the model of") for n in notes["evaluate"]
     )
     assert all(
-        "test images of `data/ingest` with flip averaging: top-1" in n for n in notes["evaluate"]
+        "test images of `data/ingest` with flip and translate averaging: top-1" in n
+        for n in notes["evaluate"]
     )
     kind = client.get_experiment_by_name("residual-attention").tags["mlflow.experimentKind"]
     assert kind == "custom_model_development"  # the MLflow UI opens on the runs
