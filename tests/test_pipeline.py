@@ -62,7 +62,7 @@ def test_dvc_repro_runs_the_pipeline_once_and_reruns_on_param_change(project: tu
         by_stage.setdefault(run.data.tags["dvc.stage"], []).append(run)
     counts = {stage: len(stage_runs) for stage, stage_runs in by_stage.items()}
     assert counts == {"ingest": 1, "noise": 1, "train": 2, "evaluate": 2}
-    assert {r.data.params["lr"] for r in by_stage["train"]} == {"0.2", "0.05"}
+    assert {r.data.params["lr"] for r in by_stage["train"]} == {"1.5", "0.05"}
     notes = {
         stage: [r.data.tags["mlflow.note.content"] for r in rs] for stage, rs in by_stage.items()
     }
