@@ -34,12 +34,6 @@ if TYPE_CHECKING:
 UI = "http://127.0.0.1:5000"  # where `ran-cli ui` serves a local store
 OUTPUTS = ("report.md", "report.png", "results.json")
 PREDICTIONS = "predictions.csv"  # an evaluate run's artifact: index, actual, predicted
-TEST = (
-    "paired bootstrap over seeds and test images: 2000 resamples (numpy default_rng(0)), each "
-    "drawing every cell's seeds with replacement and the test images with replacement (the "
-    "same images for both cells); the verdict from the 95% percentile interval of the error "
-    "difference (other column minus first): above 0 holds, below 0 reversed, else inconclusive"
-)
 # Beside them, the report's own dvc.yaml: DVC's metrics and plots of a study that has a report.
 # studies/dvc.yaml cannot declare them (DVC fails `dvc metrics show` and `dvc plots show` on a
 # declared file that does not exist: every study not yet run); a dvc.yaml that exists only
@@ -317,11 +311,13 @@ def markdown(
 
 def _test_section(study: Study, rows: list[Row]) -> list[str]:
     """How the verdicts are reached, and every comparison's numbers."""
+    from ran.studies.verdict import DESCRIPTION
+
     lines = [
         "## The verdicts",
         "",
         "Each row compares its first column (the paper's best) with every other column with "
-        f"a published number. The test: a {TEST}. It carries both the seed-to-seed spread "
+        f"a published number. The test: a {DESCRIPTION}. It carries both the seed-to-seed spread "
         "and the test set's sampling error; inconclusive means our runs cannot tell the two "
         "cells apart. "
         "A row holds if every comparison holds, is reversed if any is reversed, and is "
@@ -401,6 +397,8 @@ def _comparison_json(comparison: Comparison | None) -> dict[str, Any] | None:
 def results_json(study: Study, results: dict[str, CellResult], rows: list[Row]) -> dict[str, Any]:
     """DVC's metrics file: every cell's mean error, spread and seeds (null when missing)
     beside the paper's; every row's verdict and comparisons (the interval's bounds)."""
+    from ran.studies.verdict import DESCRIPTION
+
     return {
         "cells": {
             cell.name: {
@@ -420,7 +418,7 @@ def results_json(study: Study, results: dict[str, CellResult], rows: list[Row]) 
             }
             for axis, row in zip(study.rows, rows, strict=True)
         },
-        "test": TEST,
+        "test": DESCRIPTION,
         "missing_cells": sum(r.error is None for r in results.values()),
         **_tally(rows),
     }

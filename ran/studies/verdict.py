@@ -25,6 +25,13 @@ RESAMPLES = 2000
 LEVEL = 0.95
 BLOCK = 250  # resamples drawn at once: bounds the memory with many distinct patterns
 HOLDS, REVERSED, INCONCLUSIVE = "holds", "reversed", "inconclusive"
+DESCRIPTION = (  # what the reports say the test is
+    f"paired bootstrap over seeds and test images: {RESAMPLES} resamples (numpy "
+    "default_rng(0)), each drawing every cell's seeds with replacement and the test images "
+    "with replacement (the same images for both cells); the verdict from the "
+    f"{LEVEL:.0%} percentile interval of the error difference (other column minus first): "
+    "above 0 holds, below 0 reversed, else inconclusive"
+)
 
 
 @dataclass(frozen=True)
