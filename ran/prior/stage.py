@@ -26,7 +26,7 @@ from ran.data.validate import check_frames
 from ran.devices import pick_device
 from ran.errors import RanError
 from ran.outputs import staged_output
-from ran.prior.vit import cls_attention, load_vit, vit_normalize
+from ran.prior.vit import PriorSource, prior_source
 from ran.progress import progress_bar
 from ran.tracking import describe, log_file_dataset, log_metrics, log_outputs, tracked_stage
 
@@ -36,12 +36,16 @@ SUM_SLACK = 0.01  # float16 rounding of a map's patch weights (which sum to at m
 
 
 def _split_maps(
-    vit: Any, params: PriorParams, data: Path, split: str, meta: dict, path: Path, bar: Any
+    source: PriorSource,
+    params: PriorParams,
+    data: Path,
+    split: str,
+    meta: dict,
+    path: Path,
+    bar: Any,
 ) -> np.ndarray:
     """Every record's map of ``split`` into a new ``.npy`` at ``path``; returns it (mapped)."""
-    import torch
-
-    device = next(vit.parameters()).device
+    device = source.device
     count = meta["splits"][split]["count"]
     loader = make_loader(
         data / f"{split}.beton",
@@ -51,19 +55,14 @@ def _split_maps(
         num_workers=params.num_workers,
         device=str(device),
     )
-    grid = vit.patch_embed.grid_size
-    maps = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(count, *grid))
+    maps = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(count, *source.grid))
     seen = np.zeros(count, dtype=bool)
     task = bar.add_task(f"prior {split}", total=count)
-    autocast = device.type == "cuda"
-    with torch.inference_mode(), torch.autocast(device.type, enabled=autocast):
-        for images, _, index in loader:
-            x = vit_normalize(images.to(device), vit, params.size)
-            found = cls_attention(vit, x, params.aggregate).float().cpu().numpy()
-            rows = index.numpy()
-            maps[rows] = found.astype(np.float16)
-            seen[rows] = True
-            bar.advance(task, len(rows))
+    for images, _, index in loader:
+        rows = index.numpy()
+        maps[rows] = source(images).cpu().numpy().astype(np.float16)
+        seen[rows] = True
+        bar.advance(task, len(rows))
     if not seen.all():
         raise RanError(f"{data / f'{split}.beton'} lacks {int((~seen).sum())} records: re-ingest")
     maps.flush()
@@ -157,14 +156,21 @@ def make_prior(params: PriorParams, data: Path, out: Path) -> dict[str, Any]:
     """Run the ViT over ``data``'s train and val splits into ``out`` (all or nothing);
     returns ``report.json``. Maps that fail validation are an error, and nothing is kept."""
     meta = read_meta(data)
-    vit = load_vit(
-        params.vit, params.vit_weights, params.size, params.init == "random", params.seed
-    ).to(pick_device(params.device))
+    source = prior_source(
+        params.vit,
+        params.vit_weights,
+        params.size,
+        params.init,
+        params.aggregate,
+        params.seed,
+        pick_device(params.device),
+    )
+    vit = source.vit
     counts = {split: meta["splits"][split]["count"] for split in SPLITS}
     with staged_output(out) as tmp:
         with progress_bar() as bar:
             maps = {
-                split: _split_maps(vit, params, data, split, meta, tmp / f"{split}.npy", bar)
+                split: _split_maps(source, params, data, split, meta, tmp / f"{split}.npy", bar)
                 for split in SPLITS
             }
         check = validate_prior(maps, counts)

@@ -82,6 +82,38 @@ def vit_normalize(images: torch.Tensor, vit: Any, size: int) -> torch.Tensor:
     return (x - mean) / std
 
 
+class PriorSource:
+    """The prior map of a batch of images, as the ``prior`` stage computes it for a record and
+    prediction computes it for an image file: the loaders' uint8 images (N×3×H×W) → the ViT's
+    [CLS] attention (N×h×w float32). One object per ViT, built by :func:`prior_source`."""
+
+    def __init__(self, vit: Any, size: int, aggregate: str) -> None:
+        self.vit, self.size, self.aggregate = vit, size, aggregate
+        self.device = next(vit.parameters()).device
+        self.grid = tuple(vit.patch_embed.grid_size)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        autocast = self.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=autocast):
+            x = vit_normalize(images.to(self.device), self.vit, self.size)
+            return cls_attention(self.vit, x, self.aggregate).float()
+
+
+def prior_source(
+    name: str,
+    weights: Path | None,
+    size: int,
+    init: str,
+    aggregate: str,
+    seed: int = 0,
+    device: Any = "cpu",
+) -> PriorSource:
+    """The :class:`PriorSource` of ViT ``name`` (``init``: pretrained from ``weights`` or
+    timm's download, or seeded random) at input side ``size`` on ``device``."""
+    vit = load_vit(name, weights, size, init == "random", seed).to(device)
+    return PriorSource(vit, size, aggregate)
+
+
 def cls_attention(vit: Any, x: torch.Tensor, aggregate: str = "mean") -> torch.Tensor:
     """The last block's softmax attention of the [CLS] query over the patch tokens, the
     heads aggregated (``mean`` or ``max``): N×h×w for normalised images ``x``.
