@@ -69,8 +69,8 @@ class ProjectLoader:
     """The project's FFCV loader and its seeded batch augmentation, epoch after epoch."""
 
     def __init__(self, beton: Path, spec: LoaderSpec) -> None:
+        from ran.data.order import seeded_order
         from ran.train.augment import BatchTransform
-        from ran.train.data import seeded_order
 
         self.loader = make_loader(
             beton, spec, BATCH, train=True, num_workers=WORKERS, order=seeded_order(0)

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from ran.config import TrainParams, profiled_section
+from ran.devices import cpu_computes_bf16
 from ran.train.distributed import setup
-from ran.train.loop import Trainer, cpu_computes_bf16
+from ran.train.loop import Trainer
 
 PHASES = ("loader", "augment", "forward", "backward", "optimiser")
 # The quick profile before Attention-8 (for comparison): its network, batch and schedule.

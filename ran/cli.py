@@ -25,6 +25,7 @@ from ran.config import (
     EvaluateParams,
     IngestParams,
     NoiseParams,
+    PretrainParams,
     PriorParams,
     TrackingParams,
     TrainParams,
@@ -182,13 +183,58 @@ def noise(
     print(json.dumps({"out": str(out), **{k: report[k] for k in keys}}))
 
 
+PRETRAIN_HELP = """Train the prior's ViT here: DINO self-distillation on an ingest output's train images, labels unread.
+
+lightly's DINO (loss, projection head, multi-crop views, momentum teacher) on a timm ViT; the defaults are the DINO paper's ViT-S/16 recipe (a GPU job), --profile quick the 2-core CPU one (params.yaml's quick.pretrain: a 6-block ViT-Tiny/8 at 32 px). Its quality is measured as self-supervised features are: a weighted k-NN (k 20, cosine, T 0.07) on the frozen [CLS] features, train split → val split, for the trained ViT and for the same ViT at its random initialisation.
+
+Writes OUT/vit.safetensors (the teacher's backbone: `ran-cli prior --vit NAME --vit-weights OUT/vit.safetensors`), OUT/report.json (knn_top1, knn_top1_random, the maps' peakedness), OUT/curves.csv and OUT/knn.csv (k-NN against minutes, with --knn-every); checkpoints OUT/checkpoint-last.pt and continues from it with --resume, exactly; logged to MLflow.
+"""  # noqa: E501 - one line per paragraph: the help formatter wraps them
+
+
+@app.command(help=PRETRAIN_HELP)
+@user_errors
+@with_model_options(PretrainParams)
+def pretrain(
+    values: dict,
+    data: Annotated[
+        Path, typer.Option(help="ingest output (meta.json, train/val.beton)")
+    ] = paths.INGEST,
+    out: Annotated[Path, typer.Option(help="output folder")] = paths.pretrain_folder(
+        paths.MAIN_DATASET
+    ),
+    profile: Annotated[
+        str,
+        typer.Option(
+            help="paper (the DINO paper's ViT-S recipe, a GPU job) | quick (params.yaml's "
+            "quick.pretrain: the 2-core CPU recipe) | auto (paper with a GPU, else quick); "
+            "options given here win over the profile"
+        ),
+    ] = "paper",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from OUT/checkpoint-last.pt")
+    ] = False,
+    experiment: Annotated[
+        str, typer.Option(help="MLflow experiment")
+    ] = TrackingParams.model_fields["experiment"].default,
+) -> None:
+    import torch
+
+    from ran.pretrain.stage import pretrain as run_pretrain
+
+    base = profile_values("pretrain", resolve_profile(profile, torch.cuda.is_available()))
+    params = parse(PretrainParams, {**base, **values}, "pretrain")
+    report = run_pretrain(params, data, out, experiment, resume="yes" if resume else "no")
+    keys = ("vit", "steps", "epochs", "minutes", "knn_top1", "knn_top1_random")
+    print(json.dumps({"out": str(out), **{k: report[k] for k in keys}}))
+
+
 PRIOR_HELP = """Compute the ViT attention prior of an ingest output, for `ran-cli train --family vitmask`.
 
 A frozen self-supervised ViT (timm; DINO ViT-S/8 by default) runs once over the train and val splits; each record's map is the softmax attention of the [CLS] query over the patch tokens in the ViT's last block, its heads aggregated (--aggregate mean | max). Images are upsampled (bicubic) to --size, a multiple of the patch; the position embeddings are interpolated to it.
 
 Writes OUT/train.npy and OUT/val.npy (float16, records × h × w, indexed by record, memory-mappable), OUT/report.json, OUT/sample.png (images beside their maps) and OUT/validation.json (Great Expectations); logged to MLflow.
 
-Without network: download the weights elsewhere (docs/vitmask.md, "ViT weights") and pass --vit-weights FILE. --init random uses seeded random weights instead: it runs anywhere, but such a prior carries no information.
+Without network: download the weights elsewhere (docs/vitmask.md, "ViT weights") and pass --vit-weights FILE. --init random uses seeded random weights instead: it runs anywhere, but such a prior carries no information. --init constant writes the control: every weight 1/(h*w) on the ViT's grid, no ViT run.
 """  # noqa: E501 - one line per paragraph: the help formatter wraps them
 
 
@@ -298,9 +344,13 @@ MODEL_HELP = (
     "a model.pt, a `ran-cli train` output folder, or an MLflow model: models:/NAME/VERSION, "
     "models:/NAME@alias, runs:/RUN_ID/model"
 )
+VIT_WEIGHTS_HELP = (
+    "a vitmask model.pt's ViT weights file, if not where `ran-cli prior` read it (checked by "
+    "its sha256; an MLflow model carries its own)"
+)
 PREDICT_HELP = """Top-k classes of your own images, and where the network looked.
 
-PATH is an image or a folder of images (searched recursively). Images are cut to the network's input the way evaluation's loader does (CIFAR-size networks: the central square resized to 32 px; ImageNet-size: the central 224/256 of the short side), so a test image gets the probabilities evaluation computed for it. Any image PIL reads works: JPEG, PNG, WebP, greyscale, CMYK, palette, 16-bit; EXIF rotation is applied.
+PATH is an image or a folder of images (searched recursively). Images are cut to the network's input the way evaluation's loader does (CIFAR-size networks: the central square resized to 32 px; ImageNet-size: the central 224/256 of the short side), so a test image gets the probabilities evaluation computed for it. Any image PIL reads works: JPEG, PNG, WebP, greyscale, CMYK, palette, 16-bit; EXIF rotation is applied. A vitmask network's prior map is computed per image by the ViT its prior was made from, as `ran-cli prior` computes it for a record.
 
 --masks DIR writes, per image, each attention module's mask (mean over channels) blended over the image (IMAGE.module-N.png) and all modules side by side (IMAGE.strip.png).
 """  # noqa: E501 - one line per paragraph: the help formatter wraps them
@@ -334,13 +384,14 @@ def predict(
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 64,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    vit_weights: Annotated[Path | None, typer.Option(help=VIT_WEIGHTS_HELP)] = None,
 ) -> None:
     import sys
 
     from ran.inference.predict import predict_files
     from ran.inference.predictor import load_predictor
 
-    predictor = load_predictor(model, str(pick_device(device)), flip, translate)
+    predictor = load_predictor(model, str(pick_device(device)), flip, translate, vit_weights)
     result = predict_files(predictor, paths, top, batch_size, skip_bad, masks)
     if as_json:
         print(json.dumps(result.rows))
@@ -388,10 +439,11 @@ def serve(
         ),
     ] = 0.005,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    vit_weights: Annotated[Path | None, typer.Option(help=VIT_WEIGHTS_HELP)] = None,
 ) -> None:
     from ran.serving import serve as run_server
 
-    run_server(model, host, port, device, max_batch_size, batch_timeout)
+    run_server(model, host, port, device, max_batch_size, batch_timeout, vit_weights)
 
 
 STUDY_NAMES = "noise, arl-nal, attention, mask, vitmask"

@@ -155,10 +155,13 @@ class PriorParams(_Params):
     vit_weights: Path | None = Field(
         None, description="local weights file (.safetensors/.pth); unset: timm downloads them"
     )
-    init: Literal["pretrained", "random"] = Field(
+    init: Literal["pretrained", "trained", "random", "constant"] = Field(
         "pretrained",
-        description="pretrained | random (seeded random weights: runs anywhere, but the "
-        "prior then carries no information)",
+        description="pretrained (published weights: timm's download or --vit-weights) | trained "
+        "(the ViT `ran-cli pretrain` trained here: --vit-weights names its vit.safetensors) | "
+        "random (seeded random weights: runs anywhere, but the prior then carries no "
+        "information) | constant (every weight 1/(h*w) on the ViT's grid: the vitmask study's "
+        "control)",
     )
     size: int = Field(224, ge=8, description="ViT input side (px), a multiple of its patch")
     aggregate: Literal["mean", "max"] = Field(
@@ -171,6 +174,85 @@ class PriorParams(_Params):
     )
     num_workers: int = Field(2, ge=1, description="FFCV loader threads")
     seed: int = Field(0, description="seeds the random weights of init random")
+
+    @model_validator(mode="after")
+    def _trained_has_weights(self) -> PriorParams:
+        if self.init == "trained" and self.vit_weights is None:
+            raise ValueError(
+                "init trained reads the ViT `ran-cli pretrain` wrote: pass its vit.safetensors "
+                "as vit_weights (--vit-weights)"
+            )
+        return self
+
+
+class PretrainParams(_Params):
+    """DINO self-distillation of a ViT on an ingest output's train images (labels unread):
+    the prior's ViT, trained here. Defaults are the DINO paper's ViT-S recipe (a GPU job);
+    ``quick.pretrain`` in params.yaml is the 2-core CPU one (docs/vitmask.md)."""
+
+    vit: str = Field(
+        "ran_vit_small_patch16_224",
+        description="timm ViT to train: ran_vit_tiny6_patch8_32 (CPU) | ran_vit_small_patch16_224 "
+        "| ran_vit_small_patch8_224 | … (ran/prior/vits.py)",
+    )
+    size: int = Field(224, ge=8, description="global views' side (px): the ViT's input")
+    local_size: int = Field(96, ge=8, description="local views' side (px)")
+    local_views: int = Field(10, ge=0, description="local views per image (multi-crop)")
+    global_scale: tuple[float, float] = Field(
+        (0.25, 1.0), description="share of the image a global view covers: min, max"
+    )
+    local_scale: tuple[float, float] = Field(
+        (0.05, 0.25), description="share of the image a local view covers: min, max"
+    )
+    blur: bool = Field(True, description="Gaussian blur in the views (DINO's; off for 32 px)")
+    out_dim: int = Field(65536, ge=2, description="DINO head's output dimension (prototypes)")
+    hidden_dim: int = Field(2048, ge=1, description="DINO head's hidden width")
+    bottleneck_dim: int = Field(256, ge=1, description="DINO head's bottleneck width")
+    norm_last_layer: bool = Field(False, description="weight-normalise the head's last layer")
+    batch_size: int = Field(512, ge=2, description="images per step")
+    epochs: float = Field(100, gt=0, description="passes over the train split")
+    warmup_epochs: float = Field(10, ge=0, description="linear learning-rate warm-up")
+    lr: float = Field(5e-4, gt=0, description="AdamW peak lr per 256 images (scaled by batch)")
+    min_lr: float = Field(1e-6, ge=0, description="lr at the end of the cosine decay")
+    weight_decay: tuple[float, float] = Field(
+        (0.04, 0.4), description="weight decay: start, end (cosine)"
+    )
+    momentum_teacher: float = Field(
+        0.996, ge=0, lt=1, description="teacher EMA momentum at the start (cosine to 1)"
+    )
+    teacher_temp: tuple[float, float] = Field(
+        (0.04, 0.07), description="teacher temperature: start, after the warm-up"
+    )
+    teacher_temp_epochs: float = Field(30, ge=0, description="teacher temperature warm-up")
+    student_temp: float = Field(0.1, gt=0, description="student temperature")
+    freeze_last_layer_epochs: float = Field(
+        1, ge=0, description="epochs the head's last layer stays fixed"
+    )
+    drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth of the student")
+    clip_grad: float = Field(0.0, ge=0, description="gradient norm clip (0: off)")
+    knn_k: int = Field(20, ge=1, description="k-NN evaluation: neighbours")
+    knn_temperature: float = Field(0.07, gt=0, description="k-NN evaluation: vote temperature")
+    knn_every: int = Field(
+        0, ge=0, description="steps between k-NN evaluations for the curve (0: at the end only)"
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="as training's: bf16/fp16 autocast on a GPU, bf16 on CPUs that have it"
+    )
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda[:N]"
+    )
+    checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints")
+    log_every: int = Field(20, ge=1, description="steps between logged metrics")
+    num_workers: int = Field(2, ge=1, description="FFCV loader threads")
+    seed: int = Field(0, description="seeds weights, order and views")
+
+    @model_validator(mode="after")
+    def _ordered_ranges(self) -> PretrainParams:
+        for name in ("global_scale", "local_scale"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high <= 1:
+                raise ValueError(f"{name} must be shares 0 < min <= max <= 1, not {low}, {high}")
+        return self
 
 
 Family = Literal["attention", "resnet", "plain", "vitmask"]

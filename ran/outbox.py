@@ -107,15 +107,16 @@ class Outbox:
     def call(self, target: str, what: str, files: Mapping[str, Path], **kwargs: Any) -> None:
         """Run ``module:function(uri, run_id, **files, **kwargs)`` in order with the rest
         (logging the model): ``files`` are copied now and passed as paths."""
-        copies = {name: str(self._keep(path)) for name, path in files.items()}
+        copies = {name: str(self._keep(path, name)) for name, path in files.items()}
         self._append(
             {"op": "call", "target": target, "what": what, "files": copies, "kwargs": kwargs}
         )
 
-    def _keep(self, path: Path) -> Path:
-        """A copy of ``path`` under the outbox, by the same name; relative to its files."""
-        folder = self.folder / FILES / f"{len(self.records):06d}"
-        folder.mkdir()
+    def _keep(self, path: Path, slot: str = "") -> Path:
+        """A copy of ``path`` under the outbox, by the same name; relative to its files.
+        ``slot``: a call's name for the file (a call's files share its record's folder)."""
+        folder = self.folder / FILES / f"{len(self.records):06d}" / slot
+        folder.mkdir(parents=True)
         if path.is_dir():
             shutil.copytree(path, folder / path.name)
         else:

@@ -18,6 +18,7 @@ LABELS = NOISE / "labels.npy"
 TRAIN = DATA / "train"
 MODEL = TRAIN / "model.pt"
 EVALUATE = DATA / "evaluate"
+PRETRAIN = DATA / "pretrain"
 PRIORS = DATA / "prior"
 STUDIES = DATA / "studies"
 REPORTS = Path("reports")
@@ -29,9 +30,29 @@ def ingest_folder(dataset: str) -> Path:
     return INGEST if dataset == MAIN_DATASET else DATA / dataset / "ingest"
 
 
-def prior_folder(dataset: str) -> Path:
-    """The prior stage's output for ``dataset``."""
-    return PRIORS / dataset
+VIT_WEIGHTS = "vit.safetensors"  # the pretrain stage's ViT, in its output folder
+
+
+def pretrain_folder(dataset: str) -> Path:
+    """The pretrain stage's output for ``dataset``: the ViT trained on its train images
+    (:data:`VIT_WEIGHTS`), its report and curves."""
+    return PRETRAIN / dataset
+
+
+CONSTANT = "constant"  # the control prior's suffix: data/prior/<dataset>-constant
+
+
+def prior_folder(dataset: str, constant: bool = False) -> Path:
+    """The prior stage's output for ``dataset``: the ViT's maps, or (``constant``) the
+    control's, every weight equal on the same grid, in ``data/prior/<dataset>-constant``."""
+    return PRIORS / (f"{dataset}-{CONSTANT}" if constant else dataset)
+
+
+def prior_name(name: str) -> tuple[str, bool]:
+    """A prior stage's key (``cifar10``, ``cifar10-constant``) → (its data set, whether it is
+    the constant control): the inverse of :func:`prior_folder`'s name."""
+    dataset = name.removesuffix(f"-{CONSTANT}")
+    return dataset, dataset != name
 
 
 def cell_folder(study: str, cell: str) -> Path:

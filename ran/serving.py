@@ -7,7 +7,9 @@ server, which runs one request at a time through the model, LitServe's inference
 scores the requests that are waiting together, as one batch (up to ``max_batch_size``); it
 waits up to ``batch_timeout`` for more only while requests keep arriving, so a lone client is
 answered as fast as without batching (:class:`ArrivalBatchLoop`). The model is MLflow's (a
-registry URI, a run's model, a model folder) or a ``model.pt``, loaded with pickle refused.
+registry URI, a run's model, a model folder) or a ``model.pt``, loaded with pickle refused;
+a vitmask network's requests are scored the same way, its predictor computing each image's
+ViT prior map in the same batch (:mod:`ran.inference.vitprior`).
 
 A request that is not ``{"inputs": [str, ...]}``, or whose strings are not base64 images,
 gets HTTP 400 with ``{"error": "..."}`` naming the problem; the other requests of its batch
@@ -106,20 +108,26 @@ class ArrivalBatchLoop(BatchedLoop):
 class ImageAPI(ls.LitAPI):
     """Decode and cut each request's images, score a batch of requests, answer each."""
 
-    def __init__(self, model: str, max_batch_size: int, batch_timeout: float):
+    def __init__(
+        self,
+        model: str,
+        max_batch_size: int,
+        batch_timeout: float,
+        vit_weights: Path | None = None,
+    ):
         super().__init__(
             max_batch_size=max_batch_size,
             batch_timeout=batch_timeout,
             api_path="/invocations",
             loop=ArrivalBatchLoop() if max_batch_size > 1 else "auto",  # 1: LitServe's single
         )
-        self.model_source = model
+        self.model_source, self.vit_weights = model, vit_weights
 
     def setup(self, device: str) -> None:
         lifetime.die_with_parent()  # a spawned worker: the fork hook of install() never ran
         from ran.inference.predictor import load_predictor
 
-        self.predictor = load_predictor(self.model_source, device)
+        self.predictor = load_predictor(self.model_source, device, vit_weights=self.vit_weights)
 
     def decode_request(self, request: ScoringRequest) -> Any:
         """The request's uint8 input batch, or the reason (str) it is refused."""
@@ -127,8 +135,8 @@ class ImageAPI(ls.LitAPI):
             return "inputs is empty: send at least one base64-encoded image"
         images = []
         for n, text in enumerate(request.inputs):
-            try:
-                blob = base64.b64decode(text, validate=True)
+            try:  # line breaks allowed: MLflow's serving example has them (base64.encodebytes)
+                blob = base64.b64decode("".join(text.split()), validate=True)
             except binascii.Error as exc:
                 return f"inputs[{n}] is not base64 ({exc}); base64-encode the image file"
             try:
@@ -175,10 +183,11 @@ async def _bad_body(request: Any, exc: Any) -> Any:
     return JSONResponse({"error": message}, status_code=400)
 
 
-def local_model(model: str, folder: Path) -> str:
+def local_model(model: str, folder: Path, vit_weights: Path | None = None) -> str:
     """``model`` where the server's workers can load it: an MLflow URI is downloaded into
     ``folder`` once (not by every worker), and loaded here first, so a wrong name or
-    version stops ``ran-cli serve`` with one line before a server starts."""
+    version (or a vitmask ``model.pt``'s missing ViT weights) stops ``ran-cli serve`` with
+    one line before a server starts."""
     from ran.inference.predictor import is_mlflow_uri, load_predictor, mlflow_errors
 
     if is_mlflow_uri(model):
@@ -186,7 +195,7 @@ def local_model(model: str, folder: Path) -> str:
 
         with mlflow_errors("fetch", model):
             model = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(folder))
-    load_predictor(model)
+    load_predictor(model, vit_weights=vit_weights)
     return model
 
 
@@ -213,9 +222,11 @@ def serve(
     device: str = "auto",
     max_batch_size: int = 64,
     batch_timeout: float = 0.005,
+    vit_weights: Path | None = None,
 ) -> None:
-    """Serve ``model`` until interrupted (``model``: as :func:`load_predictor` takes it;
-    ``device``: auto | cpu | cuda, LitServe's accelerator)."""
+    """Serve ``model`` until interrupted (``model`` and ``vit_weights``: as
+    :func:`load_predictor` takes them; ``device``: auto | cpu | cuda, LitServe's
+    accelerator)."""
     import tempfile
 
     from fastapi.exceptions import RequestValidationError
@@ -224,7 +235,8 @@ def serve(
     _stop_on_sigterm()
     lifetime.install()  # LitServe's forked API server and queue manager die with this process
     with tempfile.TemporaryDirectory(prefix="ran-serve-") as folder:
-        api = ImageAPI(local_model(model, Path(folder)), max_batch_size, batch_timeout)
+        source = local_model(model, Path(folder), vit_weights)
+        api = ImageAPI(source, max_batch_size, batch_timeout, vit_weights)
         server = ls.LitServer(api, accelerator=accelerator, timeout=60, fast_queue=True)
         server.app.add_exception_handler(RequestValidationError, _bad_body)
         server.run(host=host, port=port, generate_client_file=False, num_api_servers=1)

@@ -14,7 +14,9 @@ Every figure comes from the project's own outputs or commands, never drawn by ha
 - noise-transition.png: the `transition.png` that `ran-cli noise --kind symmetric --rate 0.3`
   writes for `data/ingest`, run into a temporary folder with a temporary MLflow store (the
   project's store gets no run from the docs);
-- study-<study>.png: copies of `reports/<study>/report.png` for every study that has one.
+- study-<study>.png: copies of `reports/<study>/report.png` for every study that has one;
+- pretrain-knn.png, pretrain-maps.png: copies of the `knn.png` and `maps.png` the pretrain
+  stage writes for CIFAR-10 (`data/pretrain/cifar10`).
 
 A missing input is one line naming the command that makes it, and its figure is skipped
 (the pages show a note instead: scripts/mkdocs_hooks.py). Each figure is written to a
@@ -41,6 +43,7 @@ MASKS = 4  # how many of evaluate's mask figures the docs show
 STUDIES = ("noise", "arl-nal", "attention", "mask", "vitmask")
 STUDY_COMMAND = {name: f"dvc repro --keep-going studies/dvc.yaml:{name}" for name in STUDIES}
 NOISE_ARGS = ("--kind", "symmetric", "--rate", "0.3")
+PRETRAIN_COMMAND = "dvc repro studies/dvc.yaml:pretrain@cifar10"
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,10 @@ FIGURES: tuple[Figure, ...] = (
     *(
         Figure(f"study-{name}.png", f"reports/{name}/report.png", STUDY_COMMAND[name])
         for name in STUDIES
+    ),
+    *(
+        Figure(f"pretrain-{name}.png", f"data/pretrain/cifar10/{name}.png", PRETRAIN_COMMAND)
+        for name in ("knn", "maps")
     ),
 )
 BY_NAME = {figure.name: figure for figure in FIGURES}

@@ -163,9 +163,19 @@ def test_dvc_files_write_the_paths_of_ran_paths() -> None:
 
     studies = yaml.safe_load((REPO / "studies" / "dvc.yaml").read_text())["stages"]
     assert studies["ingest-cifar100"]["outs"] == [str(paths.ingest_folder("cifar100"))]
-    ingests = studies["prior"]["foreach"]
-    assert ingests == {d: str(paths.ingest_folder(d)) for d in ("cifar10", "cifar100")}
+    datasets = ("cifar10", "cifar100")
+    pretrain = studies["pretrain"]  # each data set's ViT, its prior, the constant control
+    assert pretrain["foreach"] == {d: str(paths.ingest_folder(d)) for d in datasets}
+    assert next(iter(pretrain["do"]["outs"][0])) == str(paths.pretrain_folder("${key}"))
+    assert studies["prior"]["foreach"] == {
+        d: {"ingest": str(paths.ingest_folder(d)), "vit": str(paths.pretrain_folder(d))}
+        for d in datasets
+    }
     assert studies["prior"]["do"]["outs"] == [str(paths.prior_folder("${key}"))]
+    constant = studies["prior-constant"]
+    assert constant["foreach"] == pretrain["foreach"]
+    assert constant["do"]["outs"] == [str(paths.prior_folder("${key}", constant=True))]
+    assert paths.prior_name(paths.prior_folder("cifar10", constant=True).name) == ("cifar10", True)
     for study in ("noise", "arl-nal", "attention", "mask"):
         (cell_out,) = studies[f"{study}-cell"]["outs"]
         assert next(iter(cell_out)) == str(paths.cell_folder(study, "${item.cell}"))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from ran.data.order import epoch_order
 from ran.errors import RanError
 from ran.train.augment import (
     PadCropFlip,
@@ -14,7 +15,7 @@ from ran.train.augment import (
     random_erasing,
     record_uniforms,
 )
-from ran.train.data import epoch_order, holdout_split, load_labels
+from ran.train.data import holdout_split, load_labels
 
 
 def test_uniforms_depend_on_the_record_not_the_batch() -> None:

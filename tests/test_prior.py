@@ -85,6 +85,32 @@ def test_weights_file_loads_through_timms_pretrained_path(tmp_path: Path) -> Non
         load_vit("vit_nonexistent", path, 224)
 
 
+def test_constant_prior_is_uniform_on_the_vits_grid(tmp_path: Path) -> None:
+    """``init: constant`` (the vitmask study's control): every map the uniform distribution
+    over the grid the ViT gives at that size, whatever the image; no weights are read; the
+    maps pass the prior stage's validation and read as flat; the network sees all ones."""
+    from ran.models.vitmask import PriorMasks
+    from ran.prior.stage import _statistics, validate_prior
+    from ran.prior.vit import prior_source
+
+    source = prior_source(VIT, tmp_path / "absent.safetensors", 32, "constant", "mean")
+    assert source.grid == (4, 4) and source.vit.patch_embed.patch_size[0] == 8
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    maps = source(images)
+    assert maps.shape == (3, 4, 4) and maps.dtype == torch.float32
+    assert torch.equal(maps, torch.full_like(maps, 1 / 16))
+    stored = maps.numpy().astype(np.float16)
+    assert validate_prior({"train": stored}, {"train": 3}).success
+    stats = _statistics(stored)
+    assert stats["mean_normalised_entropy"] == pytest.approx(1.0)
+    assert stats["mean_peak_over_mean"] == pytest.approx(1.0)
+    branch = PriorMasks()  # the map as the attention branch takes it: all ones (mean 1)
+    seen = []
+    branch.stem.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    branch(maps[:, None], (32, 32))
+    torch.testing.assert_close(seen[0], torch.ones(3, 1, 32, 32))
+
+
 def test_mask_strength_zero_is_exactly_resnet8() -> None:
     """Same weights, same output: a = 0 adds nothing; a > 0 changes the output."""
     vitmask = build_model("vitmask8-cifar", 10, strength=0.0).eval()

@@ -53,17 +53,19 @@ def _same(answers: list[dict], expected: list[dict]) -> None:
 
 
 @pytest.fixture
-def registered(trained_model: Path) -> str:
-    """The tiny model registered in this test's MLflow store, as training registers it."""
+def registered(trained_model: Path, cifar10_small: Path) -> str:
+    """The tiny model registered in this test's MLflow store, as training registers it
+    (with a real test image as its input example)."""
     import mlflow
 
     from ran.inference.predictor import log_image_model
     from ran.tracking import tracking_uri
 
+    example = sorted((cifar10_small / "test" / "airplane").iterdir())[0]
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment("residual-attention")  # not an id cached from an earlier store
     with mlflow.start_run():
-        log_image_model(trained_model / "model.pt", NAME)
+        log_image_model(trained_model / "model.pt", NAME, example=example)
     return f"models:/{NAME}/1"
 
 
@@ -82,10 +84,18 @@ def test_serve_answers_like_predict_and_survives_bad_bodies(
     args = [str(BIN / "ran-cli"), "serve", "--model", registered, "--port", str(port)]
     args += ["--batch-timeout", str(SERVE_WINDOW)]
     url = f"http://127.0.0.1:{port}"
+    import mlflow
+    from mlflow.models import Model
+
+    model = mlflow.artifacts.download_artifacts(registered, dst_path=str(tmp_path / "model"))
+    example = Model.load(model).get_serving_input(model)  # MLflow's form: base64 with breaks
     with serving(args, url, tmp_path / "serve.log", stops_cleanly=True):
         status, answer = _post(url, _inputs(files))
         assert status == 200
         _same(answer["predictions"], [expected[str(f)] for f in files])
+        status, answer = _post(url, example.encode())  # the model's own serving example
+        assert status == 200
+        _same(answer["predictions"], [expected[str(files[0])]])  # airplane's first file
         took = []  # a lone client's requests, one after another: none waits for the window
         for file in files[:3]:
             began = time.monotonic()

@@ -14,7 +14,7 @@ from conftest import BIN, REPO, run_ok
 
 from ran.config import EvaluateParams, NoiseParams, TrainParams, study_seeds
 from ran.errors import RanError
-from ran.paths import ingest_folder
+from ran.paths import ingest_folder, prior_folder
 from ran.studies import STUDIES, get_study
 from ran.studies import cell as study_cell
 from ran.studies.cell import cell_data, cell_params, fingerprint, input_digests, seed_params
@@ -48,7 +48,14 @@ def test_vitmask_stages_depend_on_the_data_they_read() -> None:
         data, cell_prior = cell_data(cell)
         reads[cell.name] = (str(data), cell_prior and str(cell_prior))
     assert staged == reads
-    assert prior["foreach"] == {name: str(ingest_folder(name)) for name in ("cifar10", "cifar100")}
+    datasets = ("cifar10", "cifar100")
+    assert baseline["foreach"] == {name: str(ingest_folder(name)) for name in datasets}
+    # each data set's prior and its constant control (the a1-constant cells read it)
+    assert prior["foreach"] == {
+        prior_folder(name, constant).name: str(ingest_folder(name))
+        for name in datasets
+        for constant in (False, True)
+    }
 
 
 def test_grids_have_the_papers_shape_and_numbers() -> None:
@@ -98,11 +105,21 @@ def test_vitmask_study_cells_read_their_data_set_and_prior(tmp_path: Path) -> No
     """Rows are data sets, columns the mask strength (and an Attention-56 without a prior);
     the study's profile overlay (studies.vitmask.<profile>) sets the input size and length."""
     study = get_study("vitmask")
-    assert [c.paper_error for c in study.cells] == [13.0, 13.4, 16.7, None, 56.6, 57.1, 58.9, None]
+    paper = [13.0, 13.4, 16.7, None, None, 56.6, 57.1, 58.9, None, None]
+    assert [c.paper_error for c in study.cells] == paper
     assert cell_data(study.cell("cifar10-a0.5")) == (
         Path("data/ingest"),
         Path("data/prior/cifar10"),
     )
+    # the control: a = 1 on the constant map of the same data set
+    control = study.cell("cifar100-a1-constant")
+    constant = Path("data/prior/cifar100-constant")
+    assert cell_data(control) == (Path("data/cifar100/ingest"), constant)
+    assert control.setting["train"] == study.cell("cifar100-a1").setting["train"]
+    assert [(a.name, b.name) for a, b in study.control_cells()] == [
+        ("cifar10-a1", "cifar10-a1-constant"),
+        ("cifar100-a1", "cifar100-a1-constant"),
+    ]
     assert cell_data(study.cell("cifar100-attention56")) == (Path("data/cifar100/ingest"), None)
     path = REPO / "params.yaml"
     _, quick, _ = cell_params(study.cell("cifar100-a0.5"), "quick", path, "vitmask")
@@ -129,9 +146,10 @@ def _seed(seed: int, wrong: int, images: int = 2000) -> SeedRun:
 
 
 def test_verdicts_compare_the_columns_with_a_published_number() -> None:
-    """The Attention-56 column has no published number: it is shown, not judged."""
+    """The Attention-56 and control columns have no published number: they are shown, not
+    judged against the paper's ordering."""
     study = get_study("vitmask")
-    wrong = {"a1": 200, "a0.5": 400, "a0": 600, "attention56": 100}
+    wrong = {"a1": 200, "a0.5": 400, "a0": 600, "a1-constant": 300, "attention56": 100}
     results = {
         c.name: CellResult((_seed(0, wrong[c.name.split("-", 1)[1]]),))
         for c in study.cells
@@ -149,10 +167,47 @@ def test_verdicts_compare_the_columns_with_a_published_number() -> None:
     table = markdown(study, results, rows, "quick", 3)
     assert (
         "| CIFAR-10 | 10.00 ± 0.67 (n=1) | 13.00 | 20.00 ± 0.89 (n=1) | 13.40 | "
-        "6.00 ± 1.41 (n=2) | 16.70 | 5.00 ± 0.49 (n=1) | - | reversed |"
+        "6.00 ± 1.41 (n=2) | 16.70 | 15.00 ± 0.80 (n=1) | - | 5.00 ± 0.49 (n=1) | - | reversed |"
     ) in table
     assert "| CIFAR-10 | a = 0 minus a = 1 | -4.00 | [" in table and "] | reversed |" in table
     assert "| CIFAR-100 | a = 0.5 minus a = 1 | missing | missing | missing |" in table
+
+
+def test_control_verdict_is_one_line_with_its_spread() -> None:
+    """The vitmask study's control, a = 1 on the ViT's maps against a = 1 on a constant map:
+    one line with its verdict over the rows and, per row, both cells' mean ± sd over seeds
+    and the bootstrap interval of the difference; missing until every row has both."""
+    from ran.studies.report import judge_control, results_json
+
+    study = get_study("vitmask")
+    results = {c.name: CellResult() for c in study.cells}
+    results["cifar10-a1"] = CellResult(tuple(_seed(k, w) for k, w in enumerate((200, 210, 190))))
+    results["cifar10-a1-constant"] = CellResult(
+        tuple(_seed(k, w) for k, w in enumerate((300, 310, 290)))
+    )
+    control = judge_control(study, results)
+    assert control is not None and control.verdict is None  # CIFAR-100 is missing
+    gap = control.rows["CIFAR-10"][2]
+    assert gap is not None and gap.verdict == HOLDS and gap.difference == pytest.approx(5.0)
+    table = markdown(study, results, judge(study, results), "quick", 3)
+    (line,) = [line for line in table.splitlines() if "Control" in line]
+    assert line.startswith(
+        "**Control:** the ViT prior's information helps beyond the attention branch and its "
+        "gates (a = 1 beats a = 1 on a constant map): **missing** (CIFAR-10: `cifar10-a1` "
+        "10.00 ± 0.50 (n=3) vs `cifar10-a1-constant` 15.00 ± 0.50 (n=3), difference +5.00 ["
+    )
+    assert line.endswith("] holds; CIFAR-100: missing).")
+    same = tuple(_seed(k, 1000) for k in range(3))
+    results |= {"cifar100-a1": CellResult(same), "cifar100-a1-constant": CellResult(same)}
+    control = judge_control(study, results)
+    assert control is not None and control.verdict == INCONCLUSIVE  # one row cannot tell
+    summary = results_json(study, results, judge(study, results), control)["control"]
+    assert summary["verdict"] == INCONCLUSIVE
+    assert summary["rows"]["CIFAR-100"]["comparison"]["verdict"] == INCONCLUSIVE
+    assert summary["rows"]["CIFAR-10"]["control"] == "cifar10-a1-constant"
+    rows = judge(study, results)
+    assert "**inconclusive** (CIFAR-10: " in markdown(study, results, rows, "quick", 3, control)
+    assert get_study("mask").control is None  # the paper's studies have none
 
 
 def _cell(rng: Any, seeds: int, images: int, error: float, jitter: float) -> Any:
@@ -462,10 +517,10 @@ def test_report_of_an_unknown_study_is_one_line_error(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_vitmask_cell_runs_in_dvc_after_its_prior_stages(project: tuple, tmp_path: Path) -> None:
-    """``dvc repro`` of one vitmask cell runs what it needs and no more: CIFAR-10's ingest
-    and ``prior`` stage (the quick profile's random ViT at 32 px), then the cell, trained and
-    evaluated with the CIFAR-10 maps; then the CIFAR-100 baseline cell, after its own ingest
-    (from $RAN_CIFAR100_SOURCE) alone."""
+    """``dvc repro`` of one vitmask cell runs what it needs and no more: CIFAR-10's ingest,
+    ``pretrain`` (DINO of the quick profile's ViT, shortened) and ``prior`` stage (that ViT's
+    maps at 32 px), then the cell, trained and evaluated with the CIFAR-10 maps; then the
+    CIFAR-100 baseline cell, after its own ingest (from $RAN_CIFAR100_SOURCE) alone."""
     from conftest import write_cifar_python
     from mlflow import MlflowClient
 
@@ -475,11 +530,14 @@ def test_vitmask_cell_runs_in_dvc_after_its_prior_stages(project: tuple, tmp_pat
     params["studies"]["quick"] = TINY_STUDY
     params["studies"]["vitmask"]["quick"]["train"] |= {"holdout": 0, "batch_size": 20}
     params["studies"]["vitmask"]["quick"]["train"]["iterations"] = 4
+    tiny_dino = {"epochs": 1, "batch_size": 50, "knn_every": 0, "out_dim": 64, "hidden_dim": 64}
+    params["quick"]["pretrain"] |= tiny_dino
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dvc = [str(BIN / "dvc"), "repro", "studies/dvc.yaml:vitmask-cell@cifar10-a0.5"]
     ran = [line for line in run_ok(dvc, repo, env).stdout.splitlines() if "Running" in line]
     assert ran == [
         "Running stage 'ingest':",
+        "Running stage 'studies/dvc.yaml:pretrain@cifar10':",
         "Running stage 'studies/dvc.yaml:prior@cifar10':",
         "Running stage 'studies/dvc.yaml:vitmask-cell@cifar10-a0.5':",
     ]
@@ -496,7 +554,11 @@ def test_vitmask_cell_runs_in_dvc_after_its_prior_stages(project: tuple, tmp_pat
     by_stage = {}
     for run in runs:
         by_stage.setdefault(run.data.tags["stage"], []).append(run)
-    assert {r.data.params["init"] for r in by_stage["prior"]} == {"random"}
+    assert {r.data.params["init"] for r in by_stage["prior"]} == {"trained"}
+    (pretrain,) = by_stage["pretrain"]
+    weights = "data/pretrain/cifar10/vit.safetensors"
+    assert by_stage["prior"][0].data.params["vit_weights"] == weights
+    assert "knn_top1_random" in pretrain.data.metrics
     (train,) = by_stage["train"]
     assert (train.data.params["family"], train.data.params["mask_strength"]) == ("vitmask", "0.5")
     assert train.data.params["prior"] == "data/prior/cifar10"

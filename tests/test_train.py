@@ -8,10 +8,12 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import TINY_TRAIN
@@ -118,29 +120,51 @@ def test_registered_model_predicts_without_pickle(
     small_ingest: Path, cifar10_small: Path, tmp_path: Path
 ) -> None:
     """The registry's model loads in a fresh process with MLflow's pickle refusal on, takes
-    real JPEG bytes, and answers what model.pt's predictor answers for those files."""
+    real JPEG bytes, and answers what model.pt's predictor answers for those files. Its
+    input example is the first test record as PNG bytes, and the scoring form MLflow keeps
+    of it (``serving_input_example.json``) predicts through MLflow's own scoring path."""
+    from ran.inference.images import read_image
     from ran.inference.predictor import Predictor
 
     out = tmp_path / "train"
     _cli("train", "--data", small_ingest, "--out", out, *TINY_TRAIN, "--iterations", "2")
     files = sorted((cifar10_small / "test" / "ship").iterdir())[:3]
-    code = (
-        "import json, sys, mlflow; "
-        "m = mlflow.pyfunc.load_model('models:/cifar10-attention56/1'); "
-        "print(json.dumps(m.predict([open(f, 'rb').read() for f in sys.argv[1:]])))"
-    )
+    code = textwrap.dedent("""
+        import base64, json, sys, mlflow
+        uri = 'models:/cifar10-attention56/1'
+        m = mlflow.pyfunc.load_model(uri)
+        print(json.dumps(m.predict([open(f, 'rb').read() for f in sys.argv[3:]])))
+        print(json.dumps([base64.b64decode(e).hex() for e in m.input_example]))
+        local = mlflow.artifacts.download_artifacts(uri)
+        with open(sys.argv[1], 'w') as f:
+            f.write(mlflow.models.Model.load(local).get_serving_input(local))
+        mlflow.models.predict(local, input_path=sys.argv[1], output_path=sys.argv[2],
+                              env_manager='local')
+    """)
+    served = [tmp_path / "serving_input.json", tmp_path / "served.json"]
     env = {**os.environ, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
     done = subprocess.run(
-        [sys.executable, "-c", code, *map(str, files)], env=env, capture_output=True, text=True
+        [sys.executable, "-c", code, *map(str, served + files)],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    answers = json.loads(done.stdout.strip().splitlines()[-1])
-    expected = Predictor.from_model_file(out / "model.pt").predict_bytes(
-        [f.read_bytes() for f in files]
-    )
+    answers, examples = map(json.loads, done.stdout.strip().splitlines()[-2:])
+    predictor = Predictor.from_model_file(out / "model.pt")
+    expected = predictor.predict_bytes([f.read_bytes() for f in files])
     assert [a["labels"] for a in answers] == [e["labels"] for e in expected]
     for answer, want in zip(answers, expected, strict=True):
         np.testing.assert_allclose(answer["probs"], want["probs"], rtol=1e-5)
+    example = bytes.fromhex(examples[0])  # the first test image's pixels, as PNG
+    manifest = pd.read_parquet(small_ingest / "manifest.parquet").query("split == 'val'")
+    first = cifar10_small / manifest.loc[manifest["index"] == 0, "source"].item()
+    assert len(examples) == 1 and example.startswith(b"\x89PNG")
+    np.testing.assert_array_equal(read_image(example, "example"), read_image(first, "first"))
+    (scored,) = json.loads(served[1].read_text())["predictions"]
+    (want,) = predictor.predict_bytes([example])
+    assert scored["labels"] == want["labels"]
+    np.testing.assert_allclose(scored["probs"], want["probs"], rtol=1e-5)
 
 
 def _checkpoint_iteration(path: Path) -> int:

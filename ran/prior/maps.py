@@ -65,3 +65,15 @@ def load_prior(prior: Path, split: str, meta: dict) -> np.ndarray:
             ", h, w): regenerate it"
         )
     return maps
+
+
+def map_statistics(maps: np.ndarray) -> dict[str, float]:
+    """How peaked the maps are: normalised entropy (1: uniform) and peak over mean."""
+    flat = maps.reshape(len(maps), -1).astype(np.float64)
+    p = flat / np.maximum(flat.sum(1, keepdims=True), 1e-12)
+    entropy = -(p * np.log(np.maximum(p, 1e-12))).sum(1) / np.log(flat.shape[1])
+    return {
+        "mean_patch_weight_sum": float(flat.sum(1).mean()),
+        "mean_normalised_entropy": float(entropy.mean()),
+        "mean_peak_over_mean": float((p.max(1) * flat.shape[1]).mean()),
+    }

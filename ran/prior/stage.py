@@ -26,6 +26,7 @@ from ran.data.validate import check_frames
 from ran.devices import pick_device
 from ran.errors import RanError
 from ran.outputs import staged_output
+from ran.prior.maps import map_statistics
 from ran.prior.vit import PriorSource, prior_source
 from ran.progress import progress_bar
 from ran.tracking import describe, log_file_dataset, log_metrics, log_outputs, tracked_stage
@@ -107,18 +108,6 @@ def validate_prior(maps: dict[str, np.ndarray], counts: dict[str, int]) -> Any:
     )
 
 
-def _statistics(maps: np.ndarray) -> dict[str, float]:
-    """How peaked the maps are: normalised entropy (1: uniform) and peak over mean."""
-    flat = maps.reshape(len(maps), -1).astype(np.float64)
-    p = flat / np.maximum(flat.sum(1, keepdims=True), 1e-12)
-    entropy = -(p * np.log(np.maximum(p, 1e-12))).sum(1) / np.log(flat.shape[1])
-    return {
-        "mean_patch_weight_sum": float(flat.sum(1).mean()),
-        "mean_normalised_entropy": float(entropy.mean()),
-        "mean_peak_over_mean": float((p.max(1) * flat.shape[1]).mean()),
-    }
-
-
 def _sample_figure(data: Path, meta: dict, maps: np.ndarray, count: int, path: Path) -> None:
     """The first ``count`` train images, each beside its map and the map over the image."""
     import matplotlib
@@ -166,6 +155,7 @@ def make_prior(params: PriorParams, data: Path, out: Path) -> dict[str, Any]:
         pick_device(params.device),
     )
     vit = source.vit
+    weights = params.vit_weights if params.init != "constant" else None  # the control's: none
     counts = {split: meta["splits"][split]["count"] for split in SPLITS}
     with staged_output(out) as tmp:
         with progress_bar() as bar:
@@ -177,20 +167,22 @@ def make_prior(params: PriorParams, data: Path, out: Path) -> dict[str, Any]:
         (tmp / "validation.json").write_text(json.dumps(check.as_json(), indent=2) + "\n")
         if not check.success:
             raise RanError(f"the prior maps failed validation: {check.summary()}")
+        statistics = {split: map_statistics(maps[split]) for split in SPLITS}
         report = {
             "vit": params.vit,
             "init": params.init,
-            "weights": str(params.vit_weights) if params.vit_weights else None,
-            "weights_sha256": sha256_file(params.vit_weights) if params.vit_weights else None,
+            "weights": str(weights) if weights else None,
+            "weights_sha256": sha256_file(weights) if weights else None,
             "size": params.size,
             "patch": vit.patch_embed.patch_size[0],
             "grid": list(vit.patch_embed.grid_size),
             "aggregate": params.aggregate,
+            "seed": params.seed,
             "heads": vit.blocks[-1].attn.num_heads,
             "dataset": meta["dataset"],
             "records": counts,
             "data_sha256": {split: meta["splits"][split]["sha256"] for split in SPLITS},
-            **{f"{split}_{k}": v for split in SPLITS for k, v in _statistics(maps[split]).items()},
+            **{f"{split}_{k}": v for split in SPLITS for k, v in statistics[split].items()},
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         if params.samples:
@@ -211,10 +203,15 @@ def tracked_prior(
         report = make_prior(params, data, out)
         log_metrics({k: v for k, v in report.items() if isinstance(v, float)})
         log_outputs(out, OUTPUTS[2:])
+        what = (
+            f"a constant map (every weight 1/(h·w), the control) on the grid of {params.vit}"
+            if params.init == "constant"
+            else f"the last block's [CLS] attention of a {params.init} {params.vit}"
+        )
         describe(
-            f"Computes the last block's [CLS] attention of a {params.init} {params.vit} at "
-            f"{params.size} px for every record of `{data}` into `{out}` (mean normalised "
-            f"entropy of the train maps {report['train_mean_normalised_entropy']:.4f}; 1 is flat)."
+            f"Computes {what} at {params.size} px for every record of `{data}` into `{out}` "
+            f"(mean normalised entropy of the train maps "
+            f"{report['train_mean_normalised_entropy']:.4f}; 1 is flat)."
         )
         for split in SPLITS:
             path = out / f"{split}.npy"

@@ -30,15 +30,22 @@ def _first_line(exc: BaseException) -> str:
 
 
 def load_vit(
-    name: str, weights: Path | None, size: int, random_init: bool = False, seed: int = 0
+    name: str,
+    weights: Path | None,
+    size: int,
+    random_init: bool = False,
+    seed: int = 0,
+    **options: Any,
 ) -> Any:
     """The ViT ``name`` at input side ``size``, in eval mode with gradients off: weights from
     ``weights`` (a local file), else timm's download, else (``random_init``) seeded random."""
     import timm
 
+    import ran.prior.vits  # noqa: F401 - registers the ViTs pretrained here with timm
+
     if not timm.is_model(name):
         raise RanError(f"unknown ViT {name!r}; timm names it, e.g. {PATCH_MODELS}")
-    options: dict[str, Any] = {"img_size": size, "num_classes": 0}
+    options |= {"img_size": size, "num_classes": 0}
     if random_init:
         torch.manual_seed(seed)
         options["pretrained"] = False
@@ -99,6 +106,27 @@ class PriorSource:
             return cls_attention(self.vit, x, self.aggregate).float()
 
 
+class ConstantPriorSource(PriorSource):
+    """The control prior (``init: constant``): every map the uniform distribution over the
+    patches, each weight 1/(h·w), on the grid the ViT gives at ``size``; the ViT (seeded
+    random, never run) is only asked its grid, patch and heads.
+
+    Why this is the fair "no information" control: the vitmask network scales every map to
+    mean 1 before its attention branch (:class:`ran.models.vitmask.PriorMasks`), so a constant
+    map reaches the branch as all ones, at the real maps' mean, and the value chosen changes
+    nothing there; 1/(h·w) makes it the attention of a [CLS] query that prefers no patch (the
+    real maps are softmax rows too), so it passes the prior stage's checks (weights in
+    [0, 1], summing to at most 1) and reads as flat in its statistics (normalised entropy 1,
+    peak over mean 1). Trained beside the real prior at the same strength, the network then
+    differs only in what the maps say about the image: the extra branch, its gates and the
+    augmentation's padding and erasing of the map are the same in both.
+    """
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = self.grid
+        return torch.full((len(images), h, w), 1 / (h * w), device=self.device)
+
+
 def prior_source(
     name: str,
     weights: Path | None,
@@ -109,7 +137,11 @@ def prior_source(
     device: Any = "cpu",
 ) -> PriorSource:
     """The :class:`PriorSource` of ViT ``name`` (``init``: pretrained from ``weights`` or
-    timm's download, or seeded random) at input side ``size`` on ``device``."""
+    timm's download, or seeded random) at input side ``size`` on ``device``; ``init``
+    ``constant``: the :class:`ConstantPriorSource` on that ViT's grid (``weights`` unused)."""
+    if init == "constant":
+        vit = load_vit(name, None, size, random_init=True, seed=seed).to(device)
+        return ConstantPriorSource(vit, size, aggregate)
     vit = load_vit(name, weights, size, init == "random", seed).to(device)
     return PriorSource(vit, size, aggregate)
 

@@ -191,8 +191,10 @@ def _write_fingerprint(folder: Path, expected: dict[str, Any]) -> None:
 def cell_data(cell: Cell) -> tuple[Path, Path | None]:
     """The ingest output a cell trains on and the prior it reads (``None``: none): the main
     pipeline's for CIFAR-10, ``data/<dataset>/ingest`` for another data set
-    (:func:`ran.paths.ingest_folder`), and ``data/prior/<dataset>`` for the prior."""
+    (:func:`ran.paths.ingest_folder`), and ``data/prior/<dataset>`` for the prior
+    (``data/prior/<dataset>-constant`` for the control's constant map)."""
     data = cell.setting.get("data", {})
     dataset = data.get("dataset", paths.MAIN_DATASET)
-    prior = paths.prior_folder(dataset) if data.get("prior") else None
+    kind = data.get("prior")
+    prior = paths.prior_folder(dataset, kind == paths.CONSTANT) if kind else None
     return paths.ingest_folder(dataset), prior

@@ -5,7 +5,9 @@ for every cell.
 A cell with no finished run shows as missing: the report never fills a hole. Each row says
 whether it reproduced the paper's ordering (the study's first column best): holds, reversed
 or inconclusive, by the paired bootstrap of :mod:`ran.studies.verdict` over the seeds and
-the test images (each run's ``predictions.csv``).
+the test images (each run's ``predictions.csv``). A study with a control (the vitmask
+study's a = 1 on a constant map) gets one more line: the control's verdict, judged the same
+way, with the means, spreads and intervals it rests on.
 """
 
 from __future__ import annotations
@@ -118,6 +120,16 @@ class Row:
     verdict: str | None  # holds | reversed | inconclusive; None: not every comparison made
 
 
+@dataclass(frozen=True)
+class ControlResult:
+    """The study's control: per row (by label), its two cells and their comparison (the
+    control's error minus the first's; ``None``: a cell or a seed's predictions is missing),
+    and the verdict over the rows (``None``: not every comparison made)."""
+
+    rows: dict[str, tuple[Cell, Cell, Comparison | None]]
+    verdict: str | None
+
+
 def run_link(uri: str, experiment_id: str, run_id: str) -> str:
     base = uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else UI
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
@@ -202,28 +214,49 @@ def compared(row: list[Cell]) -> list[Cell]:
 def judge(study: Study, results: dict[str, CellResult]) -> list[Row]:
     """Per row: the paired bootstrap (:func:`ran.studies.verdict.compare`) of every compared
     cell against the first, and the row's verdict (:func:`ran.studies.verdict.row_verdict`)."""
-    import numpy as np
-
-    from ran.studies.verdict import compare, row_verdict
+    from ran.studies.verdict import row_verdict
 
     rows = []
     for row in study.grid:
-        first = results[row[0].name].per_image(row[0].name)
-        comparisons: dict[str, Comparison | None] = {}
-        for cell in compared(row):
-            other = results[cell.name].per_image(cell.name)
-            comparisons[cell.name] = None
-            if first is not None and other is not None:
-                if not np.array_equal(first[0], other[0]):
-                    raise RanError(
-                        f"cells {row[0].name} and {cell.name} were scored on different test "
-                        "images: re-run one"
-                    )
-                comparisons[cell.name] = compare(first[1], other[1])
+        comparisons = {cell.name: paired(results, row[0], cell) for cell in compared(row)}
         made = [c for c in comparisons.values() if c is not None]
         verdict = row_verdict([c.verdict for c in made]) if len(made) == len(comparisons) else None
         rows.append(Row(comparisons, verdict))
     return rows
+
+
+def paired(results: dict[str, CellResult], first: Cell, other: Cell) -> Comparison | None:
+    """The paired bootstrap (:func:`ran.studies.verdict.compare`) of ``other``'s error minus
+    ``first``'s; ``None`` when either lacks a seed's predictions."""
+    import numpy as np
+
+    from ran.studies.verdict import compare
+
+    ours = results[first.name].per_image(first.name)
+    theirs = results[other.name].per_image(other.name)
+    if ours is None or theirs is None:
+        return None
+    if not np.array_equal(ours[0], theirs[0]):
+        raise RanError(
+            f"cells {first.name} and {other.name} were scored on different test images: re-run one"
+        )
+    return compare(ours[1], theirs[1])
+
+
+def judge_control(study: Study, results: dict[str, CellResult]) -> ControlResult | None:
+    """The study's control (``None``: it has none), per row and over the rows, by the rule
+    of the paper's orderings (:func:`ran.studies.verdict.row_verdict`)."""
+    from ran.studies.verdict import row_verdict
+
+    if study.control is None:
+        return None
+    rows = {
+        axis.label: (first, control, paired(results, first, control))
+        for axis, (first, control) in zip(study.rows, study.control_cells(), strict=True)
+    }
+    made = [c for _, _, c in rows.values() if c is not None]
+    verdict = row_verdict([c.verdict for c in made]) if len(made) == len(rows) else None
+    return ControlResult(rows, verdict)
 
 
 def _fmt(value: float | None, absent: str = "missing") -> str:
@@ -262,10 +295,16 @@ def _stand_ins(study: Study, profile: str) -> list[str]:
 
 
 def markdown(
-    study: Study, results: dict[str, CellResult], rows: list[Row], profile: str, seeds: int
+    study: Study,
+    results: dict[str, CellResult],
+    rows: list[Row],
+    profile: str,
+    seeds: int,
+    control: ControlResult | None = None,
 ) -> str:
-    """The table (ours | paper per column, the verdict per row), the test and each
-    comparison, then links."""
+    """The table (ours | paper per column, the verdict per row), the control's verdict line
+    (``control``, else :func:`judge_control`'s), the test and each comparison, then links."""
+    control = control or judge_control(study, results)
     header = [study.row_label]
     for column in study.columns:
         header += [f"{column.label}: ours", f"{column.label}: paper"]
@@ -297,6 +336,7 @@ def markdown(
         f"{tally['ordering_reversed']} and is inconclusive in {tally['ordering_inconclusive']} "
         f"of {tally['complete_rows']} judged rows.",
         "",
+        *([control_line(study, results, control), ""] if control else []),
         *_test_section(study, rows),
         "",
         "Runs (evaluate, per seed; its training run is linked from it):",
@@ -307,6 +347,26 @@ def markdown(
         where = ", ".join(f"seed {r.seed} [{r.run_id}]({r.link})" for r in runs) or "missing"
         lines.append(f"- `{cell.name}` ({cell.row}, {cell.column}): {where}")
     return "\n".join(lines) + "\n"
+
+
+def control_line(study: Study, results: dict[str, CellResult], control: ControlResult) -> str:
+    """The control's verdict in one line: its claim, the verdict over the rows, and per row
+    the two cells' mean ± spread and the bootstrap interval of their difference."""
+    assert study.control is not None
+    parts = []
+    for label, (first, other, comparison) in control.rows.items():
+        if comparison is None:
+            parts.append(f"{label}: missing")
+            continue
+        parts.append(
+            f"{label}: `{first.name}` {_ours(results[first.name])} vs `{other.name}` "
+            f"{_ours(results[other.name])}, difference {comparison.difference:+.2f} "
+            f"[{comparison.low:+.2f}, {comparison.high:+.2f}] {comparison.verdict}"
+        )
+    return (
+        f"**Control:** {study.control.claim}: **{control.verdict or 'missing'}** "
+        f"({'; '.join(parts)})."
+    )
 
 
 def _test_section(study: Study, rows: list[Row]) -> list[str]:
@@ -322,6 +382,16 @@ def _test_section(study: Study, rows: list[Row]) -> list[str]:
         "cells apart. "
         "A row holds if every comparison holds, is reversed if any is reversed, and is "
         "inconclusive otherwise; missing: a cell, or a seed's predictions.csv, is missing.",
+        *(
+            [
+                "",
+                "The control line compares the same way, per row, the control's error minus "
+                "its first cell's (difference, 95% interval, verdict: holds if the control "
+                "is worse), and its verdict over the rows by the same rule.",
+            ]
+            if study.control
+            else []
+        ),
         "",
         f"| {study.row_label} | comparison | difference (points) | 95% interval | verdict |",
         "| --- | --- | ---: | ---: | --- |",
@@ -394,11 +464,32 @@ def _comparison_json(comparison: Comparison | None) -> dict[str, Any] | None:
     return {**numbers, "verdict": comparison.verdict}
 
 
-def results_json(study: Study, results: dict[str, CellResult], rows: list[Row]) -> dict[str, Any]:
+def results_json(
+    study: Study,
+    results: dict[str, CellResult],
+    rows: list[Row],
+    control: ControlResult | None = None,
+) -> dict[str, Any]:
     """DVC's metrics file: every cell's mean error, spread and seeds (null when missing)
-    beside the paper's; every row's verdict and comparisons (the interval's bounds)."""
+    beside the paper's; every row's verdict and comparisons (the interval's bounds); and
+    the control's (``control``, else :func:`judge_control`'s), for a study that has one."""
     from ran.studies.verdict import DESCRIPTION
 
+    control = control or judge_control(study, results)
+    extra = {}
+    if control is not None and study.control is not None:
+        extra["control"] = {
+            "claim": study.control.claim,
+            "verdict": control.verdict,
+            "rows": {
+                label: {
+                    "first": first.name,
+                    "control": other.name,
+                    "comparison": _comparison_json(comparison),
+                }
+                for label, (first, other, comparison) in control.rows.items()
+            },
+        }
     return {
         "cells": {
             cell.name: {
@@ -418,6 +509,7 @@ def results_json(study: Study, results: dict[str, CellResult], rows: list[Row]) 
             }
             for axis, row in zip(study.rows, rows, strict=True)
         },
+        **extra,
         "test": DESCRIPTION,
         "missing_cells": sum(r.error is None for r in results.values()),
         **_tally(rows),
@@ -433,9 +525,10 @@ def write_report(
     seeds = study_seeds(profile, path)
     results = collect(study, experiment, profile, seeds)
     rows = judge(study, results)
-    summary = results_json(study, results, rows)
+    control = judge_control(study, results)
+    summary = results_json(study, results, rows, control)
     with staged_output(out) as tmp:
-        (tmp / "report.md").write_text(markdown(study, results, rows, profile, seeds))
+        (tmp / "report.md").write_text(markdown(study, results, rows, profile, seeds, control))
         plot(study, results, profile, tmp / "report.png")
         (tmp / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         (tmp / "dvc.yaml").write_text(DVC_YAML)

@@ -6,8 +6,9 @@ reads the ViT prior) and the published top-1 error for it.
 The first column of every study is the one the paper finds best in each row (Attention-92
 over ResNet-164, ARL over NAL, mixed attention, the encoder-decoder mask, the strongest ViT
 mask), so the report can say, row by row, whether a run reproduced the paper's ordering
-(against the columns with a published number). ``studies/dvc.yaml`` lists the
-same cell names (a test keeps the two in step).
+(against the columns with a published number). A study may also name a control (the
+vitmask study's a = 1 on a constant map): a comparison the paper does not make, judged the
+same way. ``studies/dvc.yaml`` lists the same cell names (a test keeps the two in step).
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ class Cell:
 
 
 @dataclass(frozen=True)
+class Control:
+    """A comparison the paper does not make, per row: column ``first`` (a slug) against
+    column ``control``, the same network with one thing taken away. ``claim`` holds where
+    the control's error is the higher (the report's verdict, as for the paper's orderings)."""
+
+    first: str
+    control: str
+    claim: str
+
+
+@dataclass(frozen=True)
 class Study:
     name: str
     title: str
@@ -60,6 +72,7 @@ class Study:
     rows: tuple[Axis, ...]
     columns: tuple[Axis, ...]
     paper: tuple[tuple[float | None, ...], ...]  # paper[row][column]: top-1 error (%)
+    control: Control | None = None
 
     @property
     def grid(self) -> list[list[Cell]]:
@@ -82,6 +95,14 @@ class Study:
     @property
     def cells(self) -> list[Cell]:
         return [cell for row in self.grid for cell in row]
+
+    def control_cells(self) -> list[tuple[Cell, Cell]]:
+        """Per row, the control's (first cell, control cell); none without a control."""
+        if self.control is None:
+            return []
+        slugs = [column.slug for column in self.columns]
+        first, control = slugs.index(self.control.first), slugs.index(self.control.control)
+        return [(row[first], row[control]) for row in self.grid]
 
     def stand_ins(self) -> list[tuple[str, str]]:
         """(paper network, the quick profile's stand-in) for every axis that has one."""
@@ -247,9 +268,14 @@ VITMASK_RECIPE: dict[str, Any] = {
 }
 
 
-def _vitmask(strength: float) -> Axis:
+def _vitmask(strength: float, prior: str = "vit") -> Axis:
+    """A masked-network column: ``prior`` ``vit`` reads the ViT's maps (data/prior/<data>),
+    ``constant`` the control's constant map on the same grid (data/prior/<data>-constant)."""
     train = {"family": "vitmask", "depth": 8, "mask_strength": strength, **VITMASK_RECIPE}
-    return Axis(f"a{strength:g}", f"a = {strength:g}", {"train": train, "data": {"prior": True}})
+    slug, label = f"a{strength:g}", f"a = {strength:g}"
+    if prior == "constant":
+        slug, label = f"{slug}-constant", f"{label}, constant map"
+    return Axis(slug, label, {"train": train, "data": {"prior": prior}})
 
 
 VITMASK = Study(
@@ -265,13 +291,20 @@ VITMASK = Study(
     ),
     columns=(
         *(_vitmask(a) for a in (1.0, 0.5, 0.0)),
+        _vitmask(1.0, prior="constant"),  # the control: no information in the map
         Axis(
             "attention56",
             "Attention-56 (same budget)",
             {"train": {"family": "attention", "depth": 56, **VITMASK_RECIPE}},
         ),
     ),
-    paper=((13.0, 13.4, 16.7, None), (56.6, 57.1, 58.9, None)),
+    paper=((13.0, 13.4, 16.7, None, None), (56.6, 57.1, 58.9, None, None)),
+    control=Control(
+        "a1",
+        "a1-constant",
+        "the ViT prior's information helps beyond the attention branch and its gates "
+        "(a = 1 beats a = 1 on a constant map)",
+    ),
 )
 STUDIES[VITMASK.name] = VITMASK
 

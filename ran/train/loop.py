@@ -26,8 +26,10 @@ import torch
 from ran.config import TrainParams
 from ran.data.beton import LoaderSpec, make_loader, read_records
 from ran.data.meta import read_meta
+from ran.data.order import seeded_order
 from ran.data.sources import sha256_file
 from ran.data.transforms import network_side, network_view
+from ran.devices import autocast_dtype
 from ran.errors import RanError
 from ran.inference.scoring import scored_batches
 from ran.modelfile import FORMAT
@@ -35,7 +37,7 @@ from ran.models import build_model, find_variant
 from ran.prior.maps import prior_batch, prior_for
 from ran.train import checkpoint
 from ran.train.augment import BatchTransform
-from ran.train.data import holdout_split, load_labels, seeded_order
+from ran.train.data import holdout_split, load_labels
 from ran.train.distributed import Context
 from ran.train.lookahead import Lookahead
 from ran.train.recipe import Recipe, make_optimizer, make_schedule, model_options
@@ -96,25 +98,6 @@ class Window:
         self.loss.zero_()
         self.correct.zero_()
         self.steps, self.start = 0, time.perf_counter()
-
-
-def cpu_computes_bf16() -> bool:
-    """Whether this CPU has bf16 arithmetic in hardware (AVX-512 BF16 or AMX). Elsewhere
-    oneDNN emulates it, slower than fp32; where it has it, a CPU step takes about half the
-    time of fp32's (docs/train.md, "Quick profile")."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """None: fp32. ``auto``: bf16 on GPUs that have it, else fp16; on a CPU, bf16 where it
-    computes bf16 natively, else fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "auto" and device.type != "cuda":
-        return torch.bfloat16 if cpu_computes_bf16() else None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class Trainer:

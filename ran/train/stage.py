@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ran.config import TrainParams
+from ran.errors import RanError
 from ran.modelfile import BEST, MODEL, load, model_record, save
 from ran.outputs import atomic_write
 from ran.progress import progress_bar
@@ -55,8 +56,8 @@ def _prior_record(trainer: Trainer) -> dict[str, Any] | None:
     if trainer.prior_path is None:
         return None
     report = json.loads((trainer.prior_path / "report.json").read_text())
-    keys = ("vit", "init", "weights_sha256", "size", "grid", "aggregate")
-    return {k: report.get(k) for k in keys}
+    keys = ("vit", "init", "weights", "weights_sha256", "size", "grid", "aggregate", "seed")
+    return {k: report.get(k) for k in keys}  # what rebuilds the ViT (ran.inference.vitprior)
 
 
 def _write_csv(path: Path, rows: list[dict[str, float]]) -> None:
@@ -148,25 +149,42 @@ def registered_name(trainer: Trainer) -> str:
 
 def _log_model(trainer: Trainer, register: bool) -> None:
     """``model.pt`` as the run's MLflow image model (bytes in, top-5 classes out; loads
-    without unpickling), registered under :func:`registered_name` when ``register``.
+    without unpickling), registered under :func:`registered_name` when ``register``, with
+    the first test image as its input example.
 
-    A network that takes a ViT prior cannot score bare image bytes (the prior needs the
-    ViT), so its ``model.pt`` is logged as a plain artifact instead."""
-    if trainer.prior_path is not None:
-        log_artifact(trainer.out / MODEL, "model")
-        print(
-            "model.pt logged as an artifact, not as an MLflow image model: a vitmask network "
-            "needs a prior map per image, which the image model does not compute",
-            file=sys.stderr,
-        )
-        return
+    A vitmask network's model carries the ViT weights its prior was made from: if that file
+    is no longer where the prior stage read it, ``model.pt`` is logged as a plain artifact
+    instead, and the line says so."""
+    import tempfile
+
+    from ran.inference.predictor import input_example
+    from ran.inference.vitprior import prior_weights
+
+    files = {"model": trainer.out / MODEL}
+    prior = _prior_record(trainer)
+    if prior is not None:
+        try:
+            vit = prior_weights(prior, None, str(trainer.out / MODEL))
+        except RanError:  # moved or changed since the prior stage read it
+            log_artifact(trainer.out / MODEL, "model")
+            print(
+                "model.pt logged as an artifact, not as an MLflow image model: the ViT weights "
+                f"its prior was made from are not at {prior['weights']} any more (or differ)",
+                file=sys.stderr,
+            )
+            return
+        if vit is not None:
+            files["vit"] = vit
     name = registered_name(trainer) if register else None
-    log_later(
-        "ran.inference.predictor:log_image_model_once",
-        f"the image model (registered as {name})" if name else "the image model",
-        {"model": trainer.out / MODEL},
-        registered_name=name,
-    )
+    with tempfile.TemporaryDirectory(prefix="ran-example-") as folder:
+        files["example"] = Path(folder) / "example.png"
+        files["example"].write_bytes(input_example(trainer.data))
+        log_later(  # copies the files now
+            "ran.inference.predictor:log_image_model_once",
+            f"the image model (registered as {name})" if name else "the image model",
+            files,
+            registered_name=name,
+        )
 
 
 def train_model(
