@@ -44,6 +44,21 @@ from ran.studies import get_study
 from ran.studies.report import tracked_report
 from ran.tracking import http_settings, repo_root, runs_page, tracking_uri
 
+# Options that several commands take alike.
+Experiment = Annotated[str, typer.Option(help="MLflow experiment")]
+DEFAULT_EXPERIMENT = TrackingParams.model_fields["experiment"].default
+Resume = Annotated[bool, typer.Option("--resume", help="continue from OUT/checkpoint-last.pt")]
+
+
+def _profiled(model: Any, section: str, profile: str, values: dict) -> Any:
+    """``section``'s parameters: the profile's overlay (``auto``: paper with a GPU, else
+    quick), then the options given on the command line."""
+    import torch
+
+    base = profile_values(section, resolve_profile(profile, torch.cuda.is_available()))
+    return parse(model, {**base, **values}, section)
+
+
 app = typer.Typer(
     name="ran-cli",
     help="Residual Attention Network pipeline: ingest data, inspect models, add label noise, "
@@ -93,9 +108,7 @@ def ingest(
     max_cross_split_duplicates: Annotated[
         int, typer.Option(help="val images allowed to equal a train image exactly")
     ] = ValidationParams.model_fields["max_cross_split_duplicates"].default,
-    experiment: Annotated[
-        str, typer.Option(help="MLflow experiment")
-    ] = TrackingParams.model_fields["experiment"].default,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
 ) -> None:
     """Ingest a data set into FFCV files: OUT/train.beton, OUT/val.beton, OUT/meta.json.
 
@@ -165,9 +178,7 @@ def noise(
         paths.INGEST
     ),
     out: Annotated[Path, typer.Option(help="output folder")] = paths.NOISE,
-    experiment: Annotated[
-        str, typer.Option(help="MLflow experiment")
-    ] = TrackingParams.model_fields["experiment"].default,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
 ) -> None:
     """Make the train split's labels noisy, for `ran-cli train --labels`.
 
@@ -210,19 +221,12 @@ def pretrain(
             "options given here win over the profile"
         ),
     ] = "paper",
-    resume: Annotated[
-        bool, typer.Option("--resume", help="continue from OUT/checkpoint-last.pt")
-    ] = False,
-    experiment: Annotated[
-        str, typer.Option(help="MLflow experiment")
-    ] = TrackingParams.model_fields["experiment"].default,
+    resume: Resume = False,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
 ) -> None:
-    import torch
-
     from ran.pretrain.stage import pretrain as run_pretrain
 
-    base = profile_values("pretrain", resolve_profile(profile, torch.cuda.is_available()))
-    params = parse(PretrainParams, {**base, **values}, "pretrain")
+    params = _profiled(PretrainParams, "pretrain", profile, values)
     report = run_pretrain(params, data, out, experiment, resume="yes" if resume else "no")
     keys = ("vit", "steps", "epochs", "minutes", "knn_top1", "knn_top1_random")
     print(json.dumps({"out": str(out), **{k: report[k] for k in keys}}))
@@ -247,9 +251,7 @@ def prior(
         Path, typer.Option(help="ingest output (meta.json, train/val.beton)")
     ] = paths.INGEST,
     out: Annotated[Path, typer.Option(help="output folder")] = paths.PRIORS,
-    experiment: Annotated[
-        str, typer.Option(help="MLflow experiment")
-    ] = TrackingParams.model_fields["experiment"].default,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
 ) -> None:
     from ran.prior.stage import tracked_prior
 
@@ -291,19 +293,12 @@ def train(
             "auto (paper with a GPU, else quick); options given here win over the profile"
         ),
     ] = "paper",
-    resume: Annotated[
-        bool, typer.Option("--resume", help="continue from OUT/checkpoint-last.pt")
-    ] = False,
-    experiment: Annotated[
-        str, typer.Option(help="MLflow experiment")
-    ] = TrackingParams.model_fields["experiment"].default,
+    resume: Resume = False,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
 ) -> None:
-    import torch
-
     from ran.train.stage import train_model
 
-    base = profile_values("train", resolve_profile(profile, torch.cuda.is_available()))
-    params = parse(TrainParams, {**base, **values}, "train")
+    params = _profiled(TrainParams, "train", profile, values)
     summary = train_model(
         params, data, out, experiment, labels=labels, resume="yes" if resume else "no", prior=prior
     )
@@ -325,9 +320,7 @@ def evaluate(
         Path | None,
         typer.Option(help="`ran-cli prior` output for this data (models trained with a prior)"),
     ] = None,
-    experiment: Annotated[
-        str, typer.Option(help="MLflow experiment")
-    ] = TrackingParams.model_fields["experiment"].default,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
 ) -> None:
     """Score a trained model on the test split (val.beton).
 
@@ -464,9 +457,7 @@ def report(
         typer.Option(help="whose cells: paper | quick | auto (paper with a GPU, else quick)"),
     ] = "auto",
     out: Annotated[Path | None, typer.Option(help="output folder (default: reports/STUDY)")] = None,
-    experiment: Annotated[
-        str, typer.Option(help="MLflow experiment")
-    ] = TrackingParams.model_fields["experiment"].default,
+    experiment: Experiment = DEFAULT_EXPERIMENT,
 ) -> None:
     import torch
 

@@ -298,3 +298,17 @@ def staged_output(out: Path) -> Iterator[Path]:
         publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_csv(path: Path, rows: list[dict[str, float]], empty: str) -> None:
+    """``rows`` (dicts with the same keys) as a CSV at ``path``, all or nothing; with no
+    rows, a header of the one column ``empty``."""
+    import csv
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [empty])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)

@@ -160,6 +160,27 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> obje
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
+def kill_9_at_checkpoint(args: list[str], checkpoint: Path, progress: str, at: int) -> None:
+    """Start ``args`` and SIGKILL it once ``checkpoint`` records ``progress`` (the counter
+    its ``progress`` dict holds: iteration, step) of ``at`` or more."""
+    import torch
+
+    def reached() -> int:
+        try:
+            return torch.load(checkpoint, weights_only=True)["progress"][progress]
+        except (FileNotFoundError, RuntimeError, EOFError):
+            return 0
+
+    process = subprocess.Popen(args)
+    deadline = time.monotonic() + 300
+    while reached() < at:
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,15 +4,13 @@ exact resume, its file loaded by ``ran-cli prior``, bad input; the k-NN and the 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_9_at_checkpoint
 
 from ran.config import PretrainParams
 
@@ -36,13 +34,6 @@ def _cli(*args: object, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-def _step(path: Path) -> int:
-    try:
-        return torch.load(path, weights_only=True)["progress"]["step"]
-    except (FileNotFoundError, RuntimeError, EOFError):
-        return 0
-
-
 def test_kill_9_then_resume_is_exact_and_the_prior_loads_it(
     small_ingest: Path, tmp_path: Path
 ) -> None:
@@ -54,14 +45,8 @@ def test_kill_9_then_resume_is_exact_and_the_prior_loads_it(
     _cli("pretrain", *common, "--out", tmp_path / "whole")
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen([*CLI, "pretrain", *map(str, common), "--out", str(killed)])
-    deadline = time.monotonic() + 300
-    while _step(killed / "checkpoint-last.pt") < 6:
-        assert process.poll() is None, "pretraining ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    args = [*CLI, "pretrain", *map(str, common), "--out", str(killed)]
+    kill_9_at_checkpoint(args, killed / "checkpoint-last.pt", "step", 6)
     assert not (killed / "vit.safetensors").exists()  # nothing but the checkpoint yet
     _cli("pretrain", *common, "--out", killed, "--resume")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, kill_9_at_checkpoint
 
 from ran.train.lookahead import Lookahead
 from ran.train.recipe import linear_factor
@@ -167,13 +166,6 @@ def test_registered_model_predicts_without_pickle(
     np.testing.assert_allclose(scored["probs"], want["probs"], rtol=1e-5)
 
 
-def _checkpoint_iteration(path: Path) -> int:
-    try:
-        return torch.load(path, weights_only=True)["progress"]["iteration"]
-    except (FileNotFoundError, RuntimeError, EOFError):
-        return 0
-
-
 def test_kill_9_then_resume_is_bit_identical(small_ingest: Path, tmp_path: Path) -> None:
     """The quick profile's recipe (whitened stem, lookahead, BN groups, bf16 where the CPU
     has it), stopped by SIGKILL and resumed, gives the uninterrupted run's weights."""
@@ -184,14 +176,8 @@ def test_kill_9_then_resume_is_bit_identical(small_ingest: Path, tmp_path: Path)
     _cli("train", *common, "--out", tmp_path / "whole")
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen([*CLI, "train", *map(str, common), "--out", str(killed)])
-    deadline = time.monotonic() + 300
-    while _checkpoint_iteration(killed / "checkpoint-last.pt") < 6:
-        assert process.poll() is None, "training ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    args = [*CLI, "train", *map(str, common), "--out", str(killed)]
+    kill_9_at_checkpoint(args, killed / "checkpoint-last.pt", "iteration", 6)
     assert not (killed / "model.pt").exists()
     first = _runs("train")[-1]
     assert first.info.status == "RUNNING"

@@ -18,7 +18,6 @@ all or nothing.
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from ran.data.order import seeded_order
 from ran.devices import autocast_dtype, pick_device
 from ran.errors import RanError
 from ran.modelfile import FORMAT, load, save
-from ran.outputs import atomic_write
+from ran.outputs import atomic_write, write_csv
 from ran.paths import VIT_WEIGHTS
 from ran.pretrain.dino import Dino, schedule
 from ran.pretrain.figures import knn_curve, maps_figure
@@ -237,20 +236,10 @@ class _Hooks:
     def checkpoint(self) -> None:
         t = self.trainer
         save(t.out / LAST, t.state_dict(self.run_id))
-        _write_csv(t.out / CURVES, t.curves)
+        write_csv(t.out / CURVES, t.curves, "step")
 
     def advance(self, step: int) -> None:
         self.bar.update(self.task, completed=step)
-
-
-def _write_csv(path: Path, rows: list[dict[str, float]]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["step"])
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(path, write)
 
 
 def _save_backbone(trainer: Pretrainer, path: Path) -> None:
@@ -323,7 +312,7 @@ def pretrain(
             final = trainer._knn_point(hooks)
         report = _report(trainer, final)
         _save_backbone(trainer, out / VIT_WEIGHTS)
-        _write_csv(out / KNN, trainer.knn)
+        write_csv(out / KNN, trainer.knn, "step")
         _figures(trainer, report)
         atomic_write(out / REPORT, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
         summary = {k: v for k, v in report.items() if isinstance(v, float) and k != "knn_top1"}

@@ -7,7 +7,6 @@ Only the main process (rank 0) writes files and talks to MLflow; the others trai
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, Literal
 from ran.config import TrainParams
 from ran.errors import RanError
 from ran.modelfile import BEST, MODEL, load, model_record, save
-from ran.outputs import atomic_write
+from ran.outputs import atomic_write, write_csv
 from ran.progress import progress_bar
 from ran.tracking import (
     check_store,
@@ -60,16 +59,6 @@ def _prior_record(trainer: Trainer) -> dict[str, Any] | None:
     return {k: report.get(k) for k in keys}  # what rebuilds the ViT (ran.inference.vitprior)
 
 
-def _write_csv(path: Path, rows: list[dict[str, float]]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["iteration"])
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(path, write)
-
-
 class _Hooks:
     """What the loop does besides training, on the main process: MLflow metrics, the progress
     bar, checkpoints, the best held-out model."""
@@ -97,9 +86,9 @@ class _Hooks:
     def checkpoint(self) -> None:
         trainer = self.trainer
         save(trainer.out / checkpoint.LAST, trainer.state_dict(self.run_id))
-        _write_csv(trainer.out / CURVES, trainer.state.curves)
+        write_csv(trainer.out / CURVES, trainer.state.curves, "iteration")
         if trainer.state.holdout:
-            _write_csv(trainer.out / HOLDOUT, trainer.state.holdout)
+            write_csv(trainer.out / HOLDOUT, trainer.state.holdout, "iteration")
 
     def advance(self, iteration: int) -> None:
         self.bar.update(self.task, completed=iteration)
