@@ -41,6 +41,8 @@ def test_kill_9_then_resume_is_exact_and_the_prior_loads_it(
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from ran.tracking import tracking_uri
+
     common = [*TINY, "--data", small_ingest]
     _cli("pretrain", *common, "--out", tmp_path / "whole")
 
@@ -74,7 +76,7 @@ def test_kill_9_then_resume_is_exact_and_the_prior_loads_it(
     for figure in ("knn.png", "maps.png"):
         assert (killed / figure).read_bytes()[:4] == b"\x89PNG"
 
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri())  # the test's store, whatever an earlier test set
     runs = client.search_runs(
         [client.get_experiment_by_name("residual-attention").experiment_id],
         "tags.stage = 'pretrain'",

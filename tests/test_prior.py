@@ -90,7 +90,8 @@ def test_constant_prior_is_uniform_on_the_vits_grid(tmp_path: Path) -> None:
     over the grid the ViT gives at that size, whatever the image; no weights are read; the
     maps pass the prior stage's validation and read as flat; the network sees all ones."""
     from ran.models.vitmask import PriorMasks
-    from ran.prior.stage import _statistics, validate_prior
+    from ran.prior.maps import map_statistics
+    from ran.prior.stage import validate_prior
     from ran.prior.vit import prior_source
 
     source = prior_source(VIT, tmp_path / "absent.safetensors", 32, "constant", "mean")
@@ -101,7 +102,7 @@ def test_constant_prior_is_uniform_on_the_vits_grid(tmp_path: Path) -> None:
     assert torch.equal(maps, torch.full_like(maps, 1 / 16))
     stored = maps.numpy().astype(np.float16)
     assert validate_prior({"train": stored}, {"train": 3}).success
-    stats = _statistics(stored)
+    stats = map_statistics(stored)
     assert stats["mean_normalised_entropy"] == pytest.approx(1.0)
     assert stats["mean_peak_over_mean"] == pytest.approx(1.0)
     branch = PriorMasks()  # the map as the attention branch takes it: all ones (mean 1)

@@ -14,7 +14,7 @@ from conftest import BIN, REPO, run_ok
 
 from ran.config import EvaluateParams, NoiseParams, TrainParams, study_seeds
 from ran.errors import RanError
-from ran.paths import ingest_folder, prior_folder
+from ran.paths import ingest_folder, pretrain_folder, prior_folder
 from ran.studies import STUDIES, get_study
 from ran.studies import cell as study_cell
 from ran.studies.cell import cell_data, cell_params, fingerprint, input_digests, seed_params
@@ -34,13 +34,17 @@ def test_dvc_matrix_lists_every_cell_of_every_study() -> None:
 
 def test_vitmask_stages_depend_on_the_data_they_read() -> None:
     """Every vitmask cell has a stage whose data dependencies are what the cell reads
-    (:func:`cell_data`), and each data set's prior stage depends on that data set alone."""
+    (:func:`cell_data`); each data set's ViT is pretrained on that data set alone, its prior
+    depends on that data set and that ViT, and the constant control on the data set alone."""
     stages = yaml.safe_load((REPO / "studies/dvc.yaml").read_text())["stages"]
-    masked, baseline, prior = stages["vitmask-cell"], stages["vitmask-baseline"], stages["prior"]
+    masked, baseline = stages["vitmask-cell"], stages["vitmask-baseline"]
+    pretrain, prior, constant = stages["pretrain"], stages["prior"], stages["prior-constant"]
     assert masked["do"]["cmd"] == "python pipeline/study.py vitmask ${key}"
     assert masked["do"]["deps"][-2:] == ["${item.ingest}", "${item.prior}"]
     assert baseline["do"]["cmd"] == "python pipeline/study.py vitmask ${key}-attention56"
-    assert baseline["do"]["deps"][-1] == prior["do"]["deps"][-1] == "${item}"
+    assert baseline["do"]["deps"][-1] == pretrain["do"]["deps"][-1] == "${item}"
+    assert constant["do"]["deps"][-1] == "${item}"
+    assert prior["do"]["deps"][-2:] == ["${item.ingest}", "${item.vit}"]
     staged = {cell: (data["ingest"], data["prior"]) for cell, data in masked["foreach"].items()}
     staged |= {f"{name}-attention56": (data, None) for name, data in baseline["foreach"].items()}
     reads = {}
@@ -49,13 +53,13 @@ def test_vitmask_stages_depend_on_the_data_they_read() -> None:
         reads[cell.name] = (str(data), cell_prior and str(cell_prior))
     assert staged == reads
     datasets = ("cifar10", "cifar100")
-    assert baseline["foreach"] == {name: str(ingest_folder(name)) for name in datasets}
-    # each data set's prior and its constant control (the a1-constant cells read it)
+    ingests = {name: str(ingest_folder(name)) for name in datasets}
+    assert baseline["foreach"] == pretrain["foreach"] == constant["foreach"] == ingests
     assert prior["foreach"] == {
-        prior_folder(name, constant).name: str(ingest_folder(name))
+        name: {"ingest": str(ingest_folder(name)), "vit": str(pretrain_folder(name))}
         for name in datasets
-        for constant in (False, True)
     }
+    assert constant["do"]["outs"] == [str(prior_folder("${key}", constant=True))]
 
 
 def test_grids_have_the_papers_shape_and_numbers() -> None:
