@@ -315,8 +315,8 @@ def pretrain(
         write_csv(out / KNN, trainer.knn, "step")
         _figures(trainer, report)
         atomic_write(out / REPORT, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
-        summary = {k: v for k, v in report.items() if isinstance(v, float) and k != "knn_top1"}
-        log_metrics(summary, step=trainer.steps)  # knn_top1 is already there, at that step
+        summary = {k: v for k, v in report.items() if isinstance(v, float) and k not in final}
+        log_metrics(summary, step=trainer.steps)  # the final scores are there already
         log_outputs(out, (VIT_WEIGHTS, REPORT, CURVES, KNN, KNN_FIGURE, MAPS_FIGURE))
         describe(
             f"DINO of {params.vit} on the train images of `{data}` ({trainer.steps} steps of "
