@@ -29,7 +29,7 @@ docs-figures: setup
 # Two or more workers (one per core): the end-to-end tests spend much of their time starting
 # interpreters and servers and waiting on them, which overlaps well.
 test: lint
-	.venv/bin/pytest -n auto --dist worksteal
+	.venv/bin/pytest -n auto --dist worksteal --durations=25
 
 bench: setup
 	.venv/bin/python benchmarks/loader.py

@@ -14,7 +14,7 @@ trainer runs it on a GPU (channels_last, bf16 autocast, SGD-Nesterov or AdamW, a
 network fed a random 28×28 prior), and the step rate is timed with CUDA events after a
 warm-up. What it leaves out, stated as the table's assumption: the data loader (FFCV keeps a
 GPU fed at these sizes), the per-iteration augmentation and the checkpoint/eval cadence (a
-few per cent), and the vitmask study's ``prior`` stage (one ViT pass over the data).
+few per cent), and the vitmask study's ``pretrain`` (DINO) and ``prior`` stages.
 Without a GPU, ``table --tflops X`` prices the cells from their FLOPs at an assumed rate.
 """
 
