@@ -209,6 +209,11 @@ class PretrainParams(_Params):
     hidden_dim: int = Field(2048, ge=1, description="DINO head's hidden width")
     bottleneck_dim: int = Field(256, ge=1, description="DINO head's bottleneck width")
     norm_last_layer: bool = Field(False, description="weight-normalise the head's last layer")
+    head_batch_norm: bool = Field(
+        False,
+        description="batch norm in the head's MLP (DINO's ViT recipe has none; the CPU "
+        "recipe uses it: docs/vitmask.md)",
+    )
     batch_size: int = Field(512, ge=2, description="images per step")
     epochs: float = Field(100, gt=0, description="passes over the train split")
     warmup_epochs: float = Field(10, ge=0, description="linear learning-rate warm-up")

@@ -520,16 +520,14 @@ def test_report_of_an_unknown_study_is_one_line_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_vitmask_cell_runs_in_dvc_after_its_prior_stages(project: tuple, tmp_path: Path) -> None:
+def test_vitmask_cell_runs_in_dvc_after_its_prior_stages(project: tuple) -> None:
     """``dvc repro`` of one vitmask cell runs what it needs and no more: CIFAR-10's ingest,
     ``pretrain`` (DINO of the quick profile's ViT, shortened) and ``prior`` stage (that ViT's
-    maps at 32 px), then the cell, trained and evaluated with the CIFAR-10 maps; then the
-    CIFAR-100 baseline cell, after its own ingest (from $RAN_CIFAR100_SOURCE) alone."""
-    from conftest import write_cifar_python
+    maps at 32 px), then the cell, trained and evaluated with the CIFAR-10 maps, and the
+    report. (The baseline cells' data and the seeds kept are tested without DVC above.)"""
     from mlflow import MlflowClient
 
     repo, env = project
-    env = {**env, "RAN_CIFAR100_SOURCE": str(write_cifar_python(tmp_path, "cifar100", 2))}
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["studies"]["quick"] = TINY_STUDY
     params["studies"]["vitmask"]["quick"]["train"] |= {"holdout": 0, "batch_size": 20}
@@ -568,27 +566,6 @@ def test_vitmask_cell_runs_in_dvc_after_its_prior_stages(project: tuple, tmp_pat
     assert train.data.params["prior"] == "data/prior/cifar10"
     assert train.data.tags["study.cell"] == "cifar10-a0.5"
 
-    dvc = [str(BIN / "dvc"), "repro", "studies/dvc.yaml:vitmask-baseline@cifar100"]
-    ran = [line for line in run_ok(dvc, repo, env).stdout.splitlines() if "Running" in line]
-    assert ran == [
-        "Running stage 'studies/dvc.yaml:ingest-cifar100':",
-        "Running stage 'studies/dvc.yaml:vitmask-baseline@cifar100':",
-    ]
-    assert not (repo / "data/prior/cifar100").exists()
-    cell = repo / "data/studies/vitmask/cifar100-attention56/seed-0/evaluate/metrics.json"
-    assert json.loads(cell.read_text())["test_records"] == 200
-
-    # a second seed: the cell's stage runs again (its parameters changed) and keeps seed 0
-    params["studies"]["quick"]["seeds"] = 2
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dvc = [str(BIN / "dvc"), "repro", "studies/dvc.yaml:vitmask-cell@cifar10-a0.5"]
-    grown = run_ok(dvc, repo, env)
-    assert "cell cifar10-a0.5, seed 0: done with these inputs, kept" in grown.stderr
-    runs = client.search_runs(
-        [experiment], "tags.stage = 'train' AND tags.`study.cell` = 'cifar10-a0.5'"
-    )
-    seeds = sorted((r.data.tags["study.seed"], r.data.params["seed"]) for r in runs)
-    assert seeds == [("0", "0"), ("1", "1")]  # seed 1 trained once, with train.seed + 1
     run_ok([str(BIN / "python"), "-m", "ran.cli", "report", "vitmask"], repo, env)
     results = json.loads((repo / "reports/vitmask/results.json").read_text())["cells"]
-    assert (results["cifar10-a0.5"]["seeds"], results["cifar10-a0.5"]["spread"]) == (2, "sd")
+    assert results["cifar10-a0.5"]["seeds"] == 1 and results["cifar10-a1"]["seeds"] == 0

@@ -58,6 +58,7 @@ class Dino(torch.nn.Module):
                 p.hidden_dim,
                 p.bottleneck_dim,
                 p.out_dim,
+                batch_norm=p.head_batch_norm,
                 norm_last_layer=p.norm_last_layer,
             )
         return backbone.train().requires_grad_(True), head
