@@ -165,3 +165,19 @@ def test_the_readme_links_into_the_docs_resolve() -> None:
     broken = [link for link in local if not link.startswith("docs/figures/")]
     broken = [link for link in broken if not (REPO / link).exists()]
     assert not broken, broken
+
+
+def test_the_cost_tables_are_what_the_committed_plan_and_rates_give() -> None:
+    """The README and docs/cluster.md copy `benchmarks/cost.py table`'s rows: a plan
+    regenerated for a new cell must reach both (the README's once kept the old count)."""
+    results = REPO / "benchmarks" / "results"
+    printed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "cost.py"), "table",
+         str(results / "cost-plan.json"), str(results / "cost-rates-h200.json")],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    rows = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert len(rows) > 2, printed
+    for page in [REPO / "README.md", REPO / "docs" / "cluster.md"]:
+        text = page.read_text()
+        assert all(row in text.splitlines() for row in rows), page
