@@ -172,9 +172,16 @@ def test_the_cost_tables_are_what_the_committed_plan_and_rates_give() -> None:
     regenerated for a new cell must reach both (the README's once kept the old count)."""
     results = REPO / "benchmarks" / "results"
     printed = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "cost.py"), "table",
-         str(results / "cost-plan.json"), str(results / "cost-rates-h200.json")],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "cost.py"),
+            "table",
+            str(results / "cost-plan.json"),
+            str(results / "cost-rates-h200.json"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     rows = [line for line in printed.splitlines() if line.startswith("| ")]
     assert len(rows) > 2, printed
